@@ -1,0 +1,57 @@
+"""The frozen records that stages pass to each other. Shapes: P prompts, G group, T tokens, V vocab, D dim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task problem."""
+
+    question: str  # the user-facing question text (the memory key)
+    answer: str  # gold answer: for GSM8K the text after the first '####', stripped
+    index: int  # row number in its source, for resume and per-example logs
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """P rendered, tokenized, left-padded and left-truncated prompts."""
+
+    examples: tuple[Example, ...]  # P
+    texts: tuple[str, ...]  # P rendered prompts (chat template applied)
+    input_ids: torch.Tensor  # [P, Tp] long, left-padded
+    attention_mask: torch.Tensor  # [P, Tp] long
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """G sampled completions per prompt, row r belongs to prompt r // G."""
+
+    prompts: PromptBatch
+    group_size: int  # G
+    completion_ids: torch.Tensor  # [P*G, Tc] long, pad after the first EOS
+    completion_mask: torch.Tensor  # [P*G, Tc] float, 1 up to and including the first EOS
+    completions: tuple[str, ...]  # P*G decoded texts, special tokens removed
+    truncated: torch.Tensor  # [P*G] bool, no EOS within the token cap
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Rewards for every completion: each component under its own name, and their sum."""
+
+    components: dict[str, torch.Tensor]  # name -> [P*G] float
+    total: torch.Tensor  # [P*G] float, sum of components
+    correct: torch.Tensor  # [P*G] bool, extracted answer matched the gold answer
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """What the policy-gradient update needs: prompt+completion tokens and one advantage per completion."""
+
+    input_ids: torch.Tensor  # [N, Tp+Tc] long, N = P*G
+    attention_mask: torch.Tensor  # [N, Tp+Tc] long
+    completion_mask: torch.Tensor  # [N, Tc] float
+    advantages: torch.Tensor  # [N] float
