@@ -28,7 +28,7 @@ def make_tiny_model(path: str, hidden: int = 64, layers: int = 2, seed: int = 0)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                         max_position_embeddings=512, initializer_range=0.1, pad_token_id=0, eos_token_id=1, bos_token_id=1,
                          tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = 0

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 
 import torch
@@ -20,6 +21,12 @@ from safetensors.torch import load_file, save_file
 from tinyrl.errors import UserError
 
 LATEST = "latest"
+CRASH_ENV = "TINYRL_CRASH_AT"  # tests only: SIGKILL this process at a named point, e.g. "before-latest:4"
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def folder(run: str) -> str:
@@ -60,6 +67,9 @@ def save(run: str, step: int, model, optimizer, scheduler, state: dict, memory=N
     """Write checkpoint `step` atomically and point `latest` at it. Returns its folder."""
     root = folder(run)
     os.makedirs(root, exist_ok=True)
+    for stale in os.listdir(root):  # temp folders of a save that was killed
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     name = f"step-{step:06d}"
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
@@ -72,6 +82,7 @@ def save(run: str, step: int, model, optimizer, scheduler, state: dict, memory=N
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(full, f)
         _fsync_tree(tmp)
+        _crash_point(f"before-rename:{step}")
         final = os.path.join(root, name)
         if os.path.exists(final):  # re-saving a step after a resume: replace it
             shutil.rmtree(final)
@@ -79,6 +90,7 @@ def save(run: str, step: int, model, optimizer, scheduler, state: dict, memory=N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _crash_point(f"before-latest:{step}")
     pointer_tmp = os.path.join(root, f".{LATEST}.tmp")
     with open(pointer_tmp, "w") as f:
         f.write(name + "\n")

@@ -63,7 +63,7 @@ def fit(cfg: Config, quiet: bool = False) -> str:
             started = time.perf_counter()
             batch = examples_for_step(train, step, cfg.prompts_per_step, cfg.seed)
             rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
-                                      seed=cfg.seed, system_prompt=tasks.system_prompt(cfg.task))
+                                      seed=cfg.seed, system_prompt=system_prompt(cfg.task))
             with meter.phase(timings, peaks, "generate", device):
                 rollouts = policy.generate(model, tokenizer, rendered, group_size=cfg.group_size,
                                            max_new_tokens=cfg.max_new_tokens, gen_batch=cfg.gen_batch,
@@ -124,6 +124,10 @@ def prepare_run(cfg: Config) -> tuple[str, str | None]:
     return run, resume_from
 
 
+def system_prompt(task: str) -> str:
+    return prompts.TOY_SYSTEM_PROMPT if tasks.reward_kind(task) == "toy" else prompts.SYSTEM_PROMPT
+
+
 def examples_for_step(data: list[Example], step: int, per_step: int, seed: int) -> list[Example]:
     """The P examples of a step: a fresh seeded shuffle each epoch, so the data position is just the step."""
     out = []
@@ -140,7 +144,7 @@ def score(cfg: Config, rollouts: Rollouts) -> Scored:
     g = rollouts.group_size
     answers = [ex.answer for ex in rollouts.prompts.examples for _ in range(g)]  # [P*G]
     completions = list(rollouts.completions)
-    if cfg.task == "toy":
+    if tasks.reward_kind(cfg.task) == "toy":
         components = {"digits": rewards.digit_fraction(completions)}
         correct = [False] * len(completions)
     else:
@@ -245,7 +249,7 @@ def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: s
     for s in range(0, len(examples), cfg.gen_batch):
         batch = examples[s:s + cfg.gen_batch]
         rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot, seed=cfg.seed,
-                                  system_prompt=tasks.system_prompt(cfg.task))
+                                  system_prompt=system_prompt(cfg.task))
         out = policy.generate(model, tokenizer, rendered, group_size=1, max_new_tokens=cfg.max_new_tokens,
                               gen_batch=cfg.gen_batch, greedy=True)
         answers = [ex.answer for ex in batch]

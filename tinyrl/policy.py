@@ -120,7 +120,9 @@ def load_policy(model: str, *, quant: str, dtype: str, device: str, lora_rank: i
     if quant != "4bit":
         base.to(dev)
     cpu_bnb_workaround(base)
-    if grad_checkpointing:
+    if grad_checkpointing and hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif grad_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)  # LoRA init
     if adapter:

@@ -1,0 +1,101 @@
+"""Policy: chunked log-probs equal the full computation; QLoRA on CPU keeps correct gradients after generate."""
+
+import pytest
+import torch
+
+from tinyrl import policy
+from tinyrl.types import Example, PromptBatch
+
+
+def load(tiny_model, quant="none", checkpointing=False):
+    model, tok, _ = policy.load_policy(tiny_model, quant=quant, dtype="fp32", device="cpu", lora_rank=4,
+                                       lora_alpha=8, grad_checkpointing=checkpointing, seed=0)
+    with torch.no_grad():  # make the adapter non-zero so policy != reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model, tok
+
+
+def batch(tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask
+
+
+def full_logprobs(model, ids, mask, tc):
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()  # [B, T, V]
+    logp = torch.log_softmax(logits[:, -tc - 1:-1], -1)  # [B, Tc, V]
+    return logp.gather(-1, ids[:, -tc:].unsqueeze(-1)).squeeze(-1)  # [B, Tc]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_logprobs_equal_unchunked(tiny_model, chunk):
+    model, tok = load(tiny_model, checkpointing=True)
+    ids, mask = batch(tok, ["a 12 + 3 = 15", "b 7", "hello there 99", "x"])
+    want = full_logprobs(model, ids, mask, 3)
+    with torch.no_grad():
+        got = policy.completion_logprobs(model, ids, mask, 3, chunk)
+    assert torch.allclose(got, want, atol=1e-5)
+    # with autograd (checkpointed chunks) the values and the gradients match too
+    model.train()
+    got = policy.completion_logprobs(model, ids, mask, 3, chunk)
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    full_logprobs(model, ids, mask, 3).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+
+
+def test_reference_is_the_adapter_disabled_model(tiny_model):
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["a 12 + 3 = 15", "b 7"])
+    ref = policy.reference_logprobs(model, ids, mask, 4, 2)
+    with torch.no_grad():
+        base = full_logprobs(model.get_base_model(), ids, mask, 4)
+        with model.disable_adapter():
+            off = full_logprobs(model, ids, mask, 4)
+        on = policy.completion_logprobs(model, ids, mask, 4, 2)
+    assert torch.allclose(ref, off, atol=1e-6)
+    assert not torch.allclose(ref, on, atol=1e-4)  # the adapter matters, so the reference really is different
+    assert base.shape == ref.shape
+
+
+def test_generate_masks_after_eos(tiny_model):
+    model, tok = load(tiny_model)
+    ex = (Example("q1", "1", 0), Example("q2", "2", 1))
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch(ex, ("", ""), ids, mask)
+    torch.manual_seed(0)
+    out = policy.generate(model, tok, prompts, group_size=3, max_new_tokens=12, gen_batch=4)
+    assert out.completion_ids.shape == (6, 12) and len(out.completions) == 6
+    lengths = out.completion_mask.sum(-1)
+    for row, n, cut in zip(out.completion_ids, lengths, out.truncated):
+        n = int(n)
+        assert (row[n:] == tok.pad_token_id).all()
+        assert cut or row[n - 1] == tok.eos_token_id
+
+
+def grads_after(model, ids, mask):
+    model.zero_grad()
+    policy.completion_logprobs(model, ids, mask, 4, 2).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_on_cpu_gradient_unchanged_by_generate(tiny_model):
+    pytest.importorskip("bitsandbytes")
+    model, tok = load(tiny_model, quant="4bit", checkpointing=True)
+    assert "Linear4bit" in type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__
+    ids, mask = batch(tok, ["a 12 + 3 = 15", "b 7 and 8"])
+    model.train()
+    before = grads_after(model, ids, mask)
+    prompts = PromptBatch((Example("q", "1", 0),), ("",), ids[:1], mask[:1])
+    policy.generate(model, tok, prompts, group_size=2, max_new_tokens=5, gen_batch=2)
+    model.train()
+    after = grads_after(model, ids, mask)
+    assert before.keys() == after.keys() and len(before) > 0
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name
+    assert any(g.abs().sum() > 0 for g in after.values())

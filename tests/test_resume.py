@@ -1,0 +1,73 @@
+"""SIGKILL during fit at several points, rerun the same command: it continues from the last checkpoint and the
+metrics equal an uninterrupted run's (CPU, fixed seed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ARGS = ["--steps", "6", "--quiet", "--set", "group_size=4", "--set", "prompts_per_step=2", "--set",
+        "max_new_tokens=10", "--set", "lr=1e-2", "--set", "save_every=2"]
+VOLATILE = ("time/", "mem/")
+
+
+def command(model, out):
+    return [sys.executable, "-m", "tinyrl.cli", "fit", "toy", "--model", model, "--out", out, *ARGS]
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.endswith("\n"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("ref") / "run")
+    subprocess.run(command(tiny_model, run), check=True, capture_output=True)
+    return metrics(run)
+
+
+def kill_after(cmd, path, n_lines, timeout=120):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while lines(path) < n_lines and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_at_several_points_then_rerun_matches_uninterrupted(tiny_model, tmp_path, reference):
+    run = str(tmp_path / "run")
+    path = os.path.join(run, "metrics.jsonl")
+    for kill_at in (1, 3, 5):  # before the first checkpoint, between checkpoints, just after one
+        kill_after(command(tiny_model, run), path, kill_at)
+    assert len(reference) == 6
+    done = subprocess.run(command(tiny_model, run), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert metrics(run) == reference
+    assert not [d for d in os.listdir(os.path.join(run, "checkpoints")) if d.startswith(".tmp")]
+
+
+def test_crash_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model, tmp_path, reference):
+    run = str(tmp_path / "run")
+    for point, survivor in (("before-rename:4", "step-000002"), ("before-latest:6", "step-000004")):
+        crashed = subprocess.run(command(tiny_model, run), env={**os.environ, "TINYRL_CRASH_AT": point},
+                                 capture_output=True)
+        assert crashed.returncode == -signal.SIGKILL
+        with open(os.path.join(run, "checkpoints", "latest")) as f:
+            assert f.read().strip() == survivor  # the half-written checkpoint is never pointed at
+    done = subprocess.run(command(tiny_model, run), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert metrics(run) == reference

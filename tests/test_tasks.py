@@ -1,0 +1,204 @@
+"""Task loading: GSM8K files (good and malformed), the hub error, and the generated tasks."""
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tinyrl import rewards, tasks
+from tinyrl.errors import UserError
+from tinyrl.types import Example
+
+GSM8K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k"  # ../shared/data/gsm8k
+
+needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="no GSM8K copy at ../shared/data")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def good(question: str = "What is 1 + 1?", answer: str = "1 + 1 = 2\n#### 2") -> str:
+    return json.dumps({"question": question, "answer": answer})
+
+
+@needs_gsm8k
+def test_local_gsm8k_folder_and_file():
+    train = tasks.load_gsm8k(str(GSM8K), "train")
+    test = tasks.load_gsm8k(str(GSM8K / "test.jsonl"))  # a file: its split argument is irrelevant
+    assert len(train) == 7473 and len(test) == 1319
+    assert train[0].answer == "72" and train[0].question.startswith("Natalia sold clips")
+    assert [ex.index for ex in test[:3]] == [0, 1, 2]
+    # the gold rule here agrees with rewards.gold_answer on every row
+    rows = [json.loads(line) for line in (GSM8K / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [ex.answer for ex in train] == [rewards.gold_answer(row["answer"]) for row in rows]
+    assert tasks.load_task("gsm8k", str(GSM8K), "test", seed=0, limit=5) == test[:5]
+
+
+def test_jsonl_good_file_skips_blank_lines_and_keeps_second_marker_rule(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [good(), "", good("Q2", "x #### 18 #### 20")])
+    assert tasks.load_gsm8k(str(path)) == [
+        Example(question="What is 1 + 1?", answer="2", index=0),
+        Example(question="Q2", answer="18", index=1),
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_line, line_no, words",
+    [
+        ('{"question": "Q", "answer": ', 3, "not valid JSON"),
+        ('{"question": "Q"}', 3, "missing field 'answer'"),
+        ('{"answer": "#### 1"}', 3, "missing field 'question'"),
+        ('{"question": "Q", "answer": "no marker"}', 3, "'####'"),
+        ('{"question": "Q", "answer": 5}', 3, "not a string"),
+        ('["Q", "#### 1"]', 3, "expected an object"),
+    ],
+)
+def test_jsonl_malformed_line_names_the_line(tmp_path, bad_line, line_no, words):
+    path = write_lines(tmp_path / "d.jsonl", [good(), good(), bad_line, good()])
+    with pytest.raises(UserError) as err:
+        tasks.load_gsm8k(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line_no}: ")
+    assert words in message and "\n" not in message
+
+
+def test_bad_paths_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        tasks.load_gsm8k(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="no examples"):
+        tasks.load_gsm8k(str(write_lines(tmp_path / "empty.jsonl", [])))
+    with pytest.raises(UserError, match="no examples"):
+        tasks.load_gsm8k(str(write_lines(tmp_path / "blank.jsonl", ["", "  "])))
+    with pytest.raises(UserError, match="jsonl or .parquet"):
+        tasks.load_gsm8k(str(write_lines(tmp_path / "d.csv", ["question,answer"])))
+    with pytest.raises(UserError, match="no test.jsonl"):
+        tasks.load_gsm8k(str(tmp_path), "test")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(UserError, match="UTF-8"):
+        tasks.load_gsm8k(str(tmp_path / "latin1.jsonl"))
+
+
+def test_folder_with_split_file(tmp_path):
+    write_lines(tmp_path / "test.jsonl", [good("T", "#### 3")])
+    assert tasks.load_gsm8k(str(tmp_path), "test") == [Example(question="T", answer="3", index=0)]
+
+
+def test_parquet(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    path = tmp_path / "train.parquet"
+    table = pyarrow.table({"question": ["A", "B"], "answer": ["#### 1", "so #### 2,000"]})
+    pyarrow.parquet.write_table(table, path)
+    assert [(ex.question, ex.answer) for ex in tasks.load_gsm8k(str(tmp_path))] == [("A", "1"), ("B", "2,000")]
+    pyarrow.parquet.write_table(pyarrow.table({"question": ["A"]}), tmp_path / "test.parquet")
+    with pytest.raises(UserError, match=r"row 0: missing field 'answer'"):
+        tasks.load_gsm8k(str(tmp_path), "test")
+
+
+def test_hub_failure_is_one_line_with_the_fix(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k'\non the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(UserError) as err:
+        tasks.load_gsm8k(None, "train")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("could not load openai/gsm8k from the Hugging Face hub (ConnectionError: ")
+    fix = "pass a local file with --data PATH (jsonl or parquet with 'question' and 'answer' fields)"
+    assert message.endswith(fix)
+
+
+def test_hub_rows_become_examples(monkeypatch):
+    rows = [{"question": "Q", "answer": "w #### 4"}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
+    assert tasks.load_gsm8k(None, "test") == [Example(question="Q", answer="4", index=0)]
+
+
+# An independent reading of the synthetic problems: each sentence -> (operation, number of operations).
+STEPS = [
+    (r"^\w+ (?:has|starts with) \$?(\d+)(?: \w+)?\.$", lambda t, a: a, 0),
+    (r"^\w+ buys (\d+) \w+ with (\d+) \w+ in each \w+\.$", lambda t, k, m: k * m, 1),
+    (r"^\w+ earns \$(\d+) an hour and works (\d+) hours\.$", lambda t, k, m: k * m, 1),
+    (r"^(?:He|She) finds (\d+) more \w+\.$", lambda t, n: t + n, 1),
+    (r"^A friend gives (?:her|him) (\d+) more \w+\.$", lambda t, n: t + n, 1),
+    (r"^(?:He|She) (?:gives|loses|uses) (\d+) \w+(?: to a neighbour)?\.$", lambda t, n: t - n, 1),
+    (r"^(?:He|She) (?:gives away half of|puts half of) (?:his|her) \w+", lambda t: t / 2, 1),
+    (r"^(?:He|She) ends up with twice as many", lambda t: t * 2, 1),
+    (r"^(?:He|She) ends up with three times as many", lambda t: t * 3, 1),
+    (r"^Then (?:he|she) buys (\d+) \w+ with (\d+) \w+ in each \w+\.$", lambda t, k, m: t + k * m, 2),
+    (r"^(?:He|She) (?:earns \$(\d+) [a-z ]+|gets \$(\d+) as a present)\.$", lambda t, a, b: t + int(a or b), 1),
+    (r"^(?:He|She) spends \$(\d+) on [a-z ]+\.$", lambda t, n: t - n, 1),
+    (r"^(?:He|She) sells (\d+) [a-z ]+ for \$(\d+) each\.$", lambda t, k, m: t + k * m, 2),
+    (r"^(?:He|She) buys (\d+) \w+ for \$(\d+) each\.$", lambda t, k, m: t - k * m, 2),
+]
+
+
+def solve(question: str) -> tuple[int, int]:
+    *sentences, ask = re.split(r"(?<=[.?]) ", question)
+    assert ask.startswith("How ") and ask.endswith("?")
+    total, ops = None, 0
+    for i, sentence in enumerate(sentences):
+        matches = [(rx, fn, n) for rx, fn, n in STEPS if re.match(rx, sentence)]
+        assert len(matches) == 1, sentence
+        rx, fn, n = matches[0]
+        assert (i == 0) == (STEPS.index(matches[0]) < 3), sentence  # starts only first
+        groups = [g if g is None else int(g) for g in re.match(rx, sentence).groups()]
+        total, ops = fn(total, *groups), ops + n
+        assert total == int(total) and total > 0, (sentence, total)
+    return int(total), ops
+
+
+def test_synthetic_arithmetic_is_deterministic_and_correct():
+    first = tasks.synthetic_arithmetic(300, seed=7)
+    assert first == tasks.synthetic_arithmetic(300, seed=7)
+    assert first != tasks.synthetic_arithmetic(300, seed=8)
+    assert [ex.index for ex in first] == list(range(300))
+    seen_ops = set()
+    for ex in first:
+        total, ops = solve(ex.question)
+        assert ex.answer == str(total), ex.question
+        assert 2 <= ops <= 4, ex.question
+        seen_ops.add(ops)
+    assert seen_ops == {2, 3, 4}
+    assert len({ex.question.split(" ")[1] for ex in first}) > 3  # varied templates
+
+
+def test_toy_digits():
+    toy = tasks.toy_digits(20, seed=1)
+    assert toy == tasks.toy_digits(20, seed=1)
+    assert all(ex.answer == "" and ex.question for ex in toy)
+    assert len({ex.question for ex in toy}) > 1
+
+
+def test_load_task_dispatch_and_splits():
+    train = tasks.load_task("arith", None, "train", seed=0, limit=None)
+    test = tasks.load_task("arith", None, "test", seed=0, limit=None)
+    assert (len(train), len(test)) == (7473, 1319)
+    assert not {ex.question for ex in train} & {ex.question for ex in test}
+    assert [ex.index for ex in test] == list(range(len(test)))
+    assert tasks.load_task("arith", None, "train", seed=0, limit=10) == train[:10]
+    assert tasks.load_task("arith", None, "train", seed=1, limit=10) != train[:10]
+    assert len(tasks.load_task("toy", None, "test", seed=0, limit=None)) == 100
+    assert tasks.reward_kind("gsm8k") == "gsm8k" and tasks.reward_kind("arith") == "gsm8k"
+    assert tasks.reward_kind("toy") == "toy"
+
+
+def test_load_task_user_errors():
+    with pytest.raises(UserError) as err:
+        tasks.load_task("math500", None, "train", seed=0, limit=None)
+    assert all(name in str(err.value) for name in ["gsm8k", "arith", "toy"])
+    with pytest.raises(UserError, match="valid tasks"):
+        tasks.reward_kind("math500")
+    with pytest.raises(UserError, match="gsm8k task only"):
+        tasks.load_task("arith", "some.jsonl", "train", seed=0, limit=None)
+    with pytest.raises(UserError, match="unknown split"):
+        tasks.load_task("toy", None, "validation", seed=0, limit=None)
+    with pytest.raises(UserError, match="limit"):
+        tasks.load_task("toy", None, "train", seed=0, limit=0)

@@ -1,0 +1,295 @@
+"""Tasks: turn a task name (and an optional local file) into a list of `Example`s.
+
+- `gsm8k`: GSM8K from the Hugging Face hub (`openai/gsm8k`, config `main`), or a local `.jsonl` / `.parquet` file
+  (or a folder holding `{split}.jsonl` / `{split}.parquet`) with GSM8K's `question` and `answer` fields.
+  `Example.answer` is the gold answer: the text after the first '####' up to a second one, stripped (the same
+  rule as `rewards.gold_answer`, repeated here because stage modules do not import each other).
+- `arith`: offline synthetic multi-step arithmetic word problems (2-4 operations, small positive integers),
+  GSM8K-sized (7473 train, 1319 test); the gold answer is the integer result.
+- `toy`: "write some digits" prompts with an empty gold answer, for the `digit_fraction` toy reward.
+
+Generated tasks are a pure function of (split, seed): train uses seed 2*seed, test 2*seed+1, and arith test
+problems that also occur in train are dropped. Pass the same data seed to compare evaluations across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tinyrl.errors import UserError
+from tinyrl.types import Example
+
+TASKS = {
+    "gsm8k": "GSM8K grade-school math (hub openai/gsm8k or --data PATH); XML format + correctness rewards",
+    "arith": "offline synthetic multi-step arithmetic word problems in GSM8K format; same rewards as gsm8k",
+    "toy": "offline 'write some digits' prompts; reward = fraction of digits in the completion",
+}
+_REWARD_KIND = {"gsm8k": "gsm8k", "arith": "gsm8k", "toy": "toy"}
+_SIZES = {"arith": {"train": 7473, "test": 1319}, "toy": {"train": 1000, "test": 100}}
+
+
+def _gold(answer_field: str) -> str:
+    return answer_field.split("####")[1].strip()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                rows.append(_check_row(row, f"{path}:{lineno}"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+    return [_check_row(row, f"{path}: row {i}") for i, row in enumerate(table.to_pylist())]
+
+
+def _check_row(row: object, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with 'question' and 'answer' fields")
+    for field in ("question", "answer"):
+        if field not in row:
+            raise UserError(f"{where}: missing field '{field}'")
+        if not isinstance(row[field], str):
+            raise UserError(f"{where}: field '{field}' is not a string")
+    if "####" not in row["answer"]:
+        raise UserError(f"{where}: 'answer' has no '####' (GSM8K answers end with '#### <number>')")
+    return row
+
+
+def _local_file(path: Path, split: str) -> Path:
+    if path.is_dir():
+        for name in (f"{split}.jsonl", f"{split}.parquet"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{path}: folder has no {split}.jsonl or {split}.parquet")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file or folder")
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise UserError(f"{path}: expected a .jsonl or .parquet file with 'question' and 'answer' fields")
+    return path
+
+
+def load_gsm8k(path: str | None, split: str = "train") -> list[Example]:
+    """GSM8K examples from the hub (path None) or a local jsonl/parquet file or folder; UserError on bad input."""
+    if path is None:
+        try:
+            import datasets
+
+            rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+        except Exception as e:  # noqa: BLE001 - offline, missing package, bad split: all end the same way
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+            raise UserError(
+                f"could not load openai/gsm8k from the Hugging Face hub ({reason}); pass a local file with "
+                "--data PATH (jsonl or parquet with 'question' and 'answer' fields)"
+            ) from None
+        rows = [_check_row(row, f"openai/gsm8k {split} row {i}") for i, row in enumerate(rows)]
+        source = f"openai/gsm8k {split}"
+    else:
+        file = _local_file(Path(path), split)
+        rows = _read_jsonl(file) if file.suffix == ".jsonl" else _read_parquet(file)
+        source = str(file)
+    if not rows:
+        raise UserError(f"{source}: no examples")
+    return [Example(question=row["question"], answer=_gold(row["answer"]), index=i) for i, row in enumerate(rows)]
+
+
+_NAMES = [  # name, subject, object, possessive
+    ("Ava", "She", "her", "her"), ("Ben", "He", "him", "his"), ("Mia", "She", "her", "her"),
+    ("Leo", "He", "him", "his"), ("Zoe", "She", "her", "her"), ("Omar", "He", "him", "his"),
+    ("Lena", "She", "her", "her"), ("Ravi", "He", "him", "his"), ("Nora", "She", "her", "her"),
+    ("Sam", "He", "him", "his"), ("Ines", "She", "her", "her"), ("Kenji", "He", "him", "his"),
+]
+_ITEMS = ["apples", "oranges", "marbles", "stickers", "cookies", "pencils", "seashells", "cards", "eggs", "beads"]
+_CONTAINERS = [("bags", "bag"), ("boxes", "box"), ("packs", "pack"), ("baskets", "basket")]
+_JOBS = ["mowing a lawn", "walking dogs", "selling lemonade", "washing cars", "tutoring"]
+_THINGS = ["a book", "lunch", "a movie ticket", "a toy", "a plant"]
+_GOODS = ["notebooks", "pens", "snacks", "stamps", "postcards"]
+_HANDMADE = ["drawings", "cupcakes", "bracelets", "birdhouses", "old comics"]
+
+
+def _items_problem(rng: random.Random, ops: int) -> tuple[str, int]:
+    name, he, him, his = rng.choice(_NAMES)
+    items = rng.choice(_ITEMS)
+    plural, single = rng.choice(_CONTAINERS)
+    if rng.random() < 0.5:
+        total = rng.randint(5, 60)
+        lines = [rng.choice([f"{name} has {total} {items}.", f"{name} starts with {total} {items}."])]
+    else:
+        k, m = rng.randint(2, 6), rng.randint(2, 12)
+        total, ops = k * m, ops - 1
+        lines = [f"{name} buys {k} {plural} with {m} {items} in each {single}."]
+    while ops > 0:
+        steps = ["add"]
+        if total >= 2:
+            steps.append("sub")
+        if total % 2 == 0:
+            steps.append("half")
+        if total <= 100:
+            steps.append("times")
+        if ops >= 2:
+            steps.append("add_groups")
+        step = rng.choice(steps)
+        if step == "add":
+            n = rng.randint(2, 30)
+            total += n
+            lines.append(rng.choice([f"{he} finds {n} more {items}.", f"A friend gives {him} {n} more {items}."]))
+        elif step == "sub":
+            n = rng.randint(1, min(total - 1, 30))
+            total -= n
+            lines.append(rng.choice([
+                f"{he} gives {n} {items} to a neighbour.", f"{he} loses {n} {items}.", f"{he} uses {n} {items}.",
+            ]))
+        elif step == "half":
+            total //= 2
+            lines.append(f"{he} gives away half of {his} {items}.")
+        elif step == "times":
+            factor = rng.choice([2, 3])
+            total *= factor
+            lines.append(f"{he} ends up with {['twice', 'three times'][factor - 2]} as many {items} as before.")
+        else:
+            k, m = rng.randint(2, 5), rng.randint(2, 10)
+            total += k * m
+            lines.append(f"Then {he.lower()} buys {k} {plural} with {m} {items} in each {single}.")
+        ops -= 2 if step == "add_groups" else 1
+    lines.append(f"How many {items} does {name} have now?")
+    return " ".join(lines), total
+
+
+def _money_problem(rng: random.Random, ops: int) -> tuple[str, int]:
+    name, he, _, his = rng.choice(_NAMES)
+    if rng.random() < 0.5:
+        total = rng.randint(10, 90)
+        lines = [f"{name} has ${total}."]
+    else:
+        rate, hours = rng.randint(5, 20), rng.randint(2, 8)
+        total, ops = rate * hours, ops - 1
+        lines = [f"{name} earns ${rate} an hour and works {hours} hours."]
+    while ops > 0:
+        steps = ["earn"]
+        if total >= 2:
+            steps.append("spend")
+        if total % 2 == 0:
+            steps.append("half")
+        if ops >= 2:
+            steps.append("sell")
+            if total >= 5:
+                steps.append("buy")
+        step = rng.choice(steps)
+        if step == "earn":
+            n = rng.randint(3, 40)
+            total += n
+            lines.append(rng.choice([f"{he} earns ${n} {rng.choice(_JOBS)}.", f"{he} gets ${n} as a present."]))
+        elif step == "spend":
+            n = rng.randint(1, min(total - 1, 40))
+            total -= n
+            lines.append(f"{he} spends ${n} on {rng.choice(_THINGS)}.")
+        elif step == "half":
+            total //= 2
+            lines.append(f"{he} puts half of {his} money in a savings account.")
+        elif step == "sell":
+            k, m = rng.randint(2, 6), rng.randint(2, 9)
+            total += k * m
+            lines.append(f"{he} sells {k} {rng.choice(_HANDMADE)} for ${m} each.")
+        else:
+            m = rng.randint(1, min(9, (total - 1) // 2))
+            k = rng.randint(2, max(2, min(6, (total - 1) // m)))
+            total -= k * m
+            lines.append(f"{he} buys {k} {rng.choice(_GOODS)} for ${m} each.")
+        ops -= 2 if step in ("sell", "buy") else 1
+    lines.append(rng.choice([
+        f"How many dollars does {name} have left?", f"How much money, in dollars, does {name} have now?",
+    ]))
+    return " ".join(lines), total
+
+
+def synthetic_arithmetic(n: int, seed: int) -> list[Example]:
+    """n arithmetic word problems of 2-4 operations on small positive integers; same seed, same list.
+
+    >>> first = synthetic_arithmetic(3, seed=0)
+    >>> first == synthetic_arithmetic(3, seed=0) and all(ex.answer.isdigit() for ex in first)
+    True
+    """
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        make = rng.choice([_items_problem, _money_problem])
+        question, total = make(rng, rng.randint(2, 4))
+        examples.append(Example(question=question, answer=str(total), index=i))
+    return examples
+
+
+_TOY_PROMPTS = [
+    "Write some digits.", "Write a long number.", "Reply with digits only.", "Type a few numbers.",
+    "Give me a random number.", "Write down a phone number.", "List some numbers.",
+    "Write as many digits as you can.",
+]
+
+
+def toy_digits(n: int, seed: int) -> list[Example]:
+    """n 'write some digits' prompts with an empty gold answer; same seed, same list.
+
+    >>> [ex.answer for ex in toy_digits(2, seed=0)]
+    ['', '']
+    """
+    rng = random.Random(seed)
+    return [Example(question=rng.choice(_TOY_PROMPTS), answer="", index=i) for i in range(n)]
+
+
+def reward_kind(task: str) -> str:
+    """Which reward set scores a task: "gsm8k" (XML format + correctness) or "toy" (digit_fraction).
+
+    >>> reward_kind("arith")
+    'gsm8k'
+    """
+    if task not in _REWARD_KIND:
+        raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    return _REWARD_KIND[task]
+
+
+def load_task(name: str, data: str | None, split: str, seed: int, limit: int | None) -> list[Example]:
+    """The examples of task `name` for `split` ("train"/"test"), first `limit` of them when given.
+
+    `data` (a local file or folder) applies to gsm8k only; `seed` picks the generated data of arith and toy.
+
+    >>> [ex.index for ex in load_task("toy", None, "train", seed=0, limit=3)]
+    [0, 1, 2]
+    """
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    if name == "gsm8k":
+        examples = load_gsm8k(data, split)
+    else:
+        if data is not None:
+            raise UserError(f"--data applies to the gsm8k task only, not to {name!r}")
+        if split not in _SIZES[name]:
+            raise UserError(f"unknown split {split!r} for task {name!r}; valid splits: train, test")
+        make = synthetic_arithmetic if name == "arith" else toy_digits
+        size = _SIZES[name][split]
+        if split == "train":
+            examples = make(size, 2 * seed)
+        else:
+            train = make(_SIZES[name]["train"], 2 * seed) if name == "arith" else []
+            seen = {ex.question for ex in train}
+            fresh = [ex for ex in make(2 * size, 2 * seed + 1) if ex.question not in seen][:size]
+            examples = [Example(question=ex.question, answer=ex.answer, index=i) for i, ex in enumerate(fresh)]
+    return examples[:limit] if limit is not None else examples
