@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 import typer
@@ -107,6 +108,7 @@ def settings():
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from transformers/peft
     try:
         app(standalone_mode=False)
     except UserError as err:
@@ -115,10 +117,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("tinyrl: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # click usage errors: one line, exit 2
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except Exception as err:  # usage errors from typer's click (vendored in new typer): one line, exit 2
+        if callable(getattr(err, "format_message", None)) and hasattr(err, "exit_code"):
             print(f"tinyrl: error: {err.format_message()}", file=sys.stderr)
             sys.exit(2)
         raise
