@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import warnings
@@ -109,6 +110,7 @@ def settings():
 
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from transformers/peft
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels not installed" on every CPU import
     try:
         app(standalone_mode=False)
     except UserError as err:

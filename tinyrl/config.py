@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import os
@@ -181,8 +182,8 @@ def apply_overrides(cfg: Config, pairs: list[str]) -> Config:
         key, value = pair.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in FIELDS:
-            close = [k for k in FIELDS if key in k or k in key]
-            hint = f" (did you mean {', '.join(close[:3])}?)" if close else "; see `tinyrl fit --help-config`"
+            close = difflib.get_close_matches(key, list(FIELDS), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else "; `tinyrl settings` lists them all"
             raise UserError(f"--set {key}: no such setting{hint}")
         changes[key] = _convert(key, value)
     return validate(dataclasses.replace(cfg, **changes))

@@ -29,7 +29,7 @@ from tinyrl.types import Example, Rollouts, Scored, TrainBatch
 
 def fit(cfg: Config, quiet: bool = False) -> str:
     """Train (or resume) the run in cfg.out; returns the run folder."""
-    run, resume_from = prepare_run(cfg)
+    check_writable(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, None)
@@ -45,6 +45,7 @@ def fit(cfg: Config, quiet: bool = False) -> str:
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.lr_factor(total, cfg.warmup_ratio))
     memory = None  # Memory-R+ state, wired in by the memory methods
+    run, resume_from = prepare_run(cfg)  # only now, so a bad task or model leaves no run folder behind
 
     start = 0
     torch.manual_seed(cfg.seed)
@@ -99,13 +100,7 @@ def prepare_run(cfg: Config) -> tuple[str, str | None]:
     continues it); a different config in an existing run folder is an error, so no run is overwritten by accident.
     """
     run = cfg.out
-    try:
-        os.makedirs(run, exist_ok=True)
-        probe = os.path.join(run, ".write-test")
-        open(probe, "w").close()
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError(f"--out {run}: cannot write there ({err.strerror}); choose another folder") from None
+    os.makedirs(run, exist_ok=True)
     saved_path = os.path.join(run, "config.json")
     resume_from = checkpoint.latest(run)
     if os.path.exists(saved_path):
@@ -126,6 +121,16 @@ def prepare_run(cfg: Config) -> tuple[str, str | None]:
 
 def system_prompt(task: str) -> str:
     return prompts.TOY_SYSTEM_PROMPT if tasks.reward_kind(task) == "toy" else prompts.SYSTEM_PROMPT
+
+
+def check_writable(run: str) -> None:
+    """Fail before any work when the run folder cannot be written (the folder itself is created later)."""
+    parent = os.path.dirname(os.path.abspath(run))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = run if os.path.exists(run) else parent
+    if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run}: cannot write there; choose another folder")
 
 
 def examples_for_step(data: list[Example], step: int, per_step: int, seed: int) -> list[Example]:

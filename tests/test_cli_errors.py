@@ -1,0 +1,77 @@
+"""User mistakes: each is one line on stderr starting 'tinyrl: error:', exit code 2, no traceback."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from tinyrl import cli
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["tinyrl", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+def bad_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"question": "1+1?", "answer": "2 #### 2"})
+    path.write_text(good + "\n" + good + "\n{not json\n")
+    return str(path)
+
+
+def readonly_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    return str(blocker / "run")  # a folder under a regular file can never be created
+
+
+MISTAKES = {
+    "unknown task": (lambda t: ["fit", "chess", "--out", str(t / "r")], "chess"),
+    "unknown method": (lambda t: ["fit", "toy", "--method", "ppo", "--out", str(t / "r")], "ppo"),
+    "bad value type": (lambda t: ["fit", "toy", "--set", "group_size=many"], "group_size"),
+    "unknown setting": (lambda t: ["fit", "toy", "--set", "grop_size=4"], "grop_size"),
+    "set without =": (lambda t: ["fit", "toy", "--set", "group_size"], "key=value"),
+    "group too small": (lambda t: ["fit", "toy", "--set", "group_size=1"], "group_size"),
+    "missing data file": (lambda t: ["fit", "gsm8k", "--data", str(t / "nope.jsonl"), "--out", str(t / "r")],
+                          "nope.jsonl"),
+    "malformed data line": (lambda t: ["fit", "gsm8k", "--data", bad_jsonl(t), "--out", str(t / "r")], ":3"),
+    "hub dataset unreachable": (lambda t: ["fit", "gsm8k", "--out", str(t / "r")], "--data"),
+    "missing model folder": (lambda t: ["fit", "toy", "--model", "./no/such/model", "--out", str(t / "r")],
+                             "no/such/model"),
+    "hub model unreachable": (lambda t: ["fit", "toy", "--model", "nobody/no-such-model", "--out", str(t / "r")],
+                              "local folder"),
+    "output not writable": (lambda t: ["fit", "toy", "--out", readonly_dir(t)], "--out"),
+    "resume without run": (lambda t: ["fit", "toy", "--resume", "--out", str(t / "empty")], "--resume"),
+    "eval adapter missing": (lambda t: ["eval", "arith", "--adapter", str(t / "nope")], "--adapter"),
+    "bad flag type": (lambda t: ["fit", "toy", "--steps", "ten"], "--steps"),
+    "unknown flag": (lambda t: ["fit", "toy", "--stepz", "3"], "--stepz"),
+    "few_shot out of range": (lambda t: ["fit", "toy", "--set", "few_shot=3"], "few_shot"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISTAKES))
+def test_user_mistake_is_one_line_exit_2(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_args, needle = MISTAKES[name]
+    code, err = run_cli(monkeypatch, capsys, *make_args(tmp_path))
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tinyrl: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "r" / "config.json")  # a failed start leaves no run behind
+
+
+def test_existing_run_with_other_settings_is_refused(tiny_model, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    from tinyrl import config
+
+    config.save(config.Config(task="toy", model=tiny_model, out=out, group_size=4), os.path.join(out, "config.json"))
+    code, err = run_cli(monkeypatch, capsys, "fit", "toy", "--model", tiny_model, "--out", out)
+    assert code == 2 and "--resume" in err and "group_size=4" in err
