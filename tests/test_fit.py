@@ -70,3 +70,18 @@ def test_examples_for_step_is_a_seeded_permutation_per_epoch():
     assert sorted(picked) == data  # one epoch covers every example once
     assert loop.examples_for_step(data, 7, 2, seed=3) == loop.examples_for_step(data, 7, 2, seed=3)
     assert torch.tensor(picked).tolist() != data  # shuffled
+
+
+def test_memory_r_plus_fit_logs_memory_and_switches_explore_on(tiny_model, tmp_path):
+    cfg = Config(task="arith", model=tiny_model, out=str(tmp_path / "run"), steps=4, prompts_per_step=2,
+                 group_size=4, max_new_tokens=24, method="memory-r+", encoder="hashing", explore_warmup=3,
+                 memory_order="read-before-write", save_every=2)
+    run = loop.fit(cfg, quiet=True)
+    metrics = rows(os.path.join(run, "metrics.jsonl"))
+    on = [m["memory/explore_on"] for m in metrics]
+    assert on[0] == 0 and on[-1] == 1  # 2 distinct questions after step 1 (< 3), 4 after step 2
+    assert [m["memory/failure_keys"] for m in metrics] == [2, 4, 6, 8]  # the tiny model never answers correctly
+    assert all(m["memory/failure_values"] == 4 * m["memory/failure_keys"] for m in metrics)
+    assert {"reward/exploit", "reward/explore", "time/memory_recall_ms", "time/memory_share"} <= set(metrics[0])
+    assert any(m["memory/explore"] > 0 for m in metrics[1:])  # read-before-write: failures earn explore
+    assert os.path.isdir(os.path.join(run, "checkpoints", "step-000004", "memory"))

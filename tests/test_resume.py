@@ -71,3 +71,18 @@ def test_crash_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model, tmp
     done = subprocess.run(command(tiny_model, run), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert metrics(run) == reference
+
+
+def test_memory_survives_a_crash_exactly(tiny_model, tmp_path):
+    extra = ["--method", "memory-r+", "--set", "encoder=hashing", "--set", "explore_warmup=2", "--set",
+             "memory_order=read-before-write"]
+    ref = str(tmp_path / "ref")
+    subprocess.run(command(tiny_model, ref) + extra, check=True, capture_output=True)
+    run = str(tmp_path / "run")
+    crashed = subprocess.run(command(tiny_model, run) + extra, env={**os.environ, "TINYRL_CRASH_AT": "before-latest:4"},
+                             capture_output=True)
+    assert crashed.returncode == -signal.SIGKILL
+    done = subprocess.run(command(tiny_model, run) + extra, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert metrics(run) == metrics(ref)  # includes memory sizes and exploit/explore rewards of every step
+    assert metrics(run)[-1]["memory/failure_values"] == 6 * 2 * 4  # nothing lost or duplicated: 6 steps x P x G

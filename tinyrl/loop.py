@@ -20,7 +20,9 @@ import time
 
 import torch
 
-from tinyrl import checkpoint, grpo, meter, policy, prompts, rewards, tasks
+import numpy as np
+
+from tinyrl import checkpoint, encoder, grpo, memory, meter, policy, prompts, rewards, tasks
 from tinyrl import config as config_mod
 from tinyrl.config import Config
 from tinyrl.errors import UserError
@@ -44,13 +46,13 @@ def fit(cfg: Config, quiet: bool = False) -> str:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.lr_factor(total, cfg.warmup_ratio))
-    memory = None  # Memory-R+ state, wired in by the memory methods
+    enc, mem = memory_setup(cfg, device)  # Memory-R+: the sentence encoder and both episodic memories
     run, resume_from = prepare_run(cfg)  # only now, so a bad task or model leaves no run folder behind
 
     start = 0
     torch.manual_seed(cfg.seed)
     if resume_from:
-        start = checkpoint.load(resume_from, model, optimizer, scheduler, memory)["step"]
+        start = checkpoint.load(resume_from, model, optimizer, scheduler, mem)["step"]
         for name in ("metrics.jsonl", "samples.jsonl"):
             meter.truncate_jsonl(os.path.join(run, name), start)
     log = meter.Meter(run, total, start, quiet=quiet)
@@ -72,7 +74,11 @@ def fit(cfg: Config, quiet: bool = False) -> str:
                                            min_new_tokens=cfg.min_new_tokens)
             with meter.phase(timings, peaks, "score", device):
                 scored = score(cfg, rollouts)
-                adv = grpo.advantages(scored.total, cfg.group_size)  # [P*G]
+            memory_stats = {}
+            if mem is not None:
+                with meter.phase(timings, peaks, "memory", device):
+                    scored, memory_stats = remember(enc, mem, rollouts, scored)
+            adv = grpo.advantages(scored.total, cfg.group_size)  # [P*G]
             with meter.phase(timings, peaks, "train", device):
                 lr = scheduler.get_last_lr()[0]
                 loss, kl, grad_norm = train_step(model, optimizer, grpo.train_batch(rollouts, adv), cfg, device)
@@ -80,13 +86,15 @@ def fit(cfg: Config, quiet: bool = False) -> str:
             timings["step"] = time.perf_counter() - started
             metrics = step_metrics(step + 1, rollouts, scored, cfg, loss=loss, kl=kl, grad_norm=grad_norm,
                                    lr=lr, timings=timings, peaks=peaks)
+            if memory_stats:
+                metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 metrics.update({f"eval/{k}": v for k, v in run_eval(model, tokenizer, held_out, cfg).items()})
             log.log(metrics)
             if (step + 1) % cfg.sample_every == 0 or step == start:
                 log.samples(step + 1, sample_rows(rollouts, scored, n=4))
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                checkpoint.save(run, step + 1, model, optimizer, scheduler, {"total": total}, memory)
+                checkpoint.save(run, step + 1, model, optimizer, scheduler, {"total": total}, mem)
     finally:
         log.close()
     log.echo(summary(log.history, run))
@@ -159,6 +167,47 @@ def score(cfg: Config, rollouts: Rollouts) -> Scored:
     tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in components.items()}  # name -> [P*G]
     total = torch.stack(list(tensors.values())).sum(0)  # [P*G]
     return Scored(components=tensors, total=total, correct=torch.tensor(correct, dtype=torch.bool))
+
+
+def memory_setup(cfg: Config, device):
+    """The encoder and an empty MemoryState for the memory methods; (None, None) otherwise."""
+    if not cfg.method.startswith("memory"):
+        return None, None
+    enc = encoder.HashingEncoder() if cfg.encoder == "hashing" else encoder.Encoder(cfg.encoder, device=device.type)
+    settings = memory.MemorySettings(
+        dim=enc.dim, k=cfg.memory_k, max_keys=cfg.memory_max_keys, max_values=cfg.memory_max_values,
+        window=cfg.memory_window, explore_warmup=cfg.explore_warmup, order=cfg.memory_order,
+        exploit_weight=cfg.exploit_weight, explore_weight=cfg.explore_weight if cfg.method == "memory-r+" else 0.0)
+    return enc, memory.MemoryState(settings.check())
+
+
+def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict]:
+    """Memory-R+ for the whole step: one batched encode (questions + reasoning spans), one batched write/read.
+
+    Each completion is stored and recalled under its own question. Adds the weighted exploit/explore rewards.
+    """
+    g = rollouts.group_size
+    questions = [ex.question for ex in rollouts.prompts.examples]  # P
+    started = time.perf_counter()
+    vecs = enc.encode(questions + [encoder.reasoning_span(c) for c in rollouts.completions])  # [P + P*G, D]
+    encode_ms = (time.perf_counter() - started) * 1000
+    keys = np.repeat(vecs[:len(questions)], g, axis=0)  # [P*G, D]
+    out = mem.step([q for q in questions for _ in range(g)], keys, vecs[len(questions):],
+                   scored.correct.numpy())
+    s = mem.settings
+    components = dict(scored.components)
+    components["exploit"] = torch.from_numpy(s.exploit_weight * out.exploit).float()  # [P*G]
+    if s.explore_weight:
+        components["explore"] = torch.from_numpy(s.explore_weight * out.explore).float()  # [P*G]
+    total = torch.stack(list(components.values())).sum(0)  # [P*G]
+    sizes = mem.stats()
+    stats = {"memory/exploit_raw": float(out.exploit_raw.mean()), "memory/exploit": float(out.exploit.mean()),
+             "memory/explore_raw": float(out.explore_raw.mean()), "memory/explore": float(out.explore.mean()),
+             "memory/explore_share": float(np.mean(out.explore_on)), "time/memory_encode_ms": encode_ms,
+             "time/memory_recall_ms": out.timing_ms["search"],
+             "time/memory_total_ms": out.timing_ms["total"] + encode_ms,
+             **{f"memory/{k}": v for k, v in sizes.items()}}
+    return Scored(components=components, total=total, correct=scored.correct), stats
 
 
 def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device) -> tuple[float, float, float]:
