@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +87,11 @@ def test_memory_r_plus_fit_logs_memory_and_switches_explore_on(tiny_model, tmp_p
     assert {"reward/exploit", "reward/explore", "time/memory_recall_ms", "time/memory_share"} <= set(metrics[0])
     assert any(m["memory/explore"] > 0 for m in metrics[1:])  # read-before-write: failures earn explore
     assert os.path.isdir(os.path.join(run, "checkpoints", "step-000004", "memory"))
+    inspect = subprocess.run([sys.executable, "-m", "tinyrl.cli", "memory", "inspect", run, "--question",
+                              metrics_question(run)], capture_output=True, text=True)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "failure        8 questions" in inspect.stdout and "distance 0.000" in inspect.stdout
+
+
+def metrics_question(run):
+    return rows(os.path.join(run, "samples.jsonl"))[0]["question"]

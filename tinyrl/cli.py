@@ -64,7 +64,8 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
             raise UserError(f"--resume: {run} holds no run (no config.json); drop --resume to start one")
         base = config_mod.load(saved)
         flags = {k: v for k, v in flags.items() if k != "task" or v != base.task}
-    loop.fit(build_config(base, flags, set_), quiet=quiet)
+    pins = frozenset(k for k, v in flags.items() if v is not None) | set_keys(set_)
+    loop.fit(build_config(base, flags, set_), quiet=quiet, pins=pins)
 
 
 @app.command("eval", epilog=EXAMPLES)
@@ -98,6 +99,89 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
     result = loop.evaluate(cfg, adapter_dir, limit, out_path)
     print(f"eval {task}: exact_match {result['exact_match']:.4f}  extractive_match {result['extractive_match']:.4f}"
           f"  n={result['n']}  (per-example: {out_path})")
+
+
+@app.command(epilog=EXAMPLES)
+def plan(task: str = typer.Argument(..., help="gsm8k, arith or toy"),
+         vram: str = typer.Option(..., help="Memory budget, e.g. 8G, 7.5GiB, 6000M."),
+         model: Optional[str] = typer.Option(None, help="Hub name (config only, no weights), local folder, "
+                                                         "config.json, or smollm2-135m."),
+         gpu: str = typer.Option("cuda", help="Device to plan for: cuda (any bf16 GPU), T4, P100, V100, L4, A10G, "
+                                              "A100, H100, or cpu."),
+         data: Optional[str] = typer.Option(None, help="Local data, to measure real prompt lengths."),
+         method: Optional[str] = typer.Option(None, help="r1, cosine, memory-r, memory-r+"),
+         set_: List[str] = typer.Option([], "--set", help=SET_HELP + " Planner settings set here are pinned.")):
+    """Print where every byte goes and the settings that fit the budget, without loading any weights."""
+    from tinyrl import budget, loop
+
+    cfg = build_config(Config(), {"task": task, "model": model, "data": data, "vram": vram, "method": method}, set_)
+    print(budget.format_plan(loop.make_plan(cfg, frozenset(set_keys(set_)), budget.device_caps(gpu))))
+
+
+def set_keys(pairs: list[str]) -> set[str]:
+    return {p.split("=", 1)[0].strip().replace("-", "_") for p in pairs}
+
+
+memory_app = typer.Typer(help="Look inside a run's episodic memories (methods memory-r, memory-r+).",
+                         no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+
+
+@memory_app.command("inspect")
+def memory_inspect(run: str = typer.Argument(..., help="A run folder trained with a memory method."),
+                   question: Optional[str] = typer.Option(None, help="Show the stored questions nearest to this."),
+                   n: int = typer.Option(5, help="Neighbours to show.")):
+    """Both memories' sizes at the last checkpoint and, for a question, its nearest stored questions with
+    sample traces (from samples.jsonl; the memory itself keeps embeddings, not text)."""
+    import json
+
+    from tinyrl import checkpoint, encoder, memory
+
+    cfg = config_mod.load(os.path.join(run, "config.json")) if os.path.exists(os.path.join(run, "config.json")) \
+        else None
+    if cfg is None:
+        raise UserError(f"{run}: no config.json; is it a run folder?")
+    ckpt = checkpoint.latest(run)
+    if ckpt is None or not os.path.isdir(os.path.join(ckpt, "memory")):
+        raise UserError(f"{run}: no checkpoint with a memory yet (method {cfg.method})")
+    state = memory.MemoryState.open(os.path.join(ckpt, "memory"))
+    stats = state.stats()
+    print(f"{ckpt}:")
+    for name in ("success", "failure"):
+        print(f"  {name:<8} {stats[name + '_keys']:>7} questions  {stats[name + '_values']:>8} traces")
+    print(f"  explore {'on' if stats['explore_on'] else 'off'} (warm-up {cfg.explore_warmup} failure questions)  "
+          f"{folder_bytes(os.path.join(ckpt, 'memory')) / 2**20:.2f} MiB on disk")
+    if not question:
+        return
+    enc = encoder.HashingEncoder() if cfg.encoder == "hashing" else encoder.Encoder(cfg.encoder, device="cpu")
+    traces: dict[str, list[str]] = {}
+    samples = os.path.join(run, "samples.jsonl")
+    if os.path.exists(samples):
+        with open(samples) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                traces.setdefault(row.get("question", ""), []).append(row.get("completion", ""))
+    for nb in state.nearest(enc.encode([question])[0], n):
+        print(f"  [{nb.memory}] distance {nb.distance:.3f}  {nb.values} traces  {nb.question[:100]}")
+        for text in traces.get(nb.question, [])[:2]:
+            print(f"      trace: {' '.join(text.split())[:140]}")
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(base, f)) for base, _, files in os.walk(path) for f in files)
+
+
+@app.command()
+def report(run: str = typer.Argument(..., help="A run folder.")):
+    """What a run learned: reward curves (first vs last steps) and sample completions."""
+    from tinyrl import meter
+
+    if not os.path.exists(os.path.join(run, "metrics.jsonl")):
+        raise UserError(f"{run}: no metrics.jsonl; is it a run folder?")
+    print(meter.report(run))
 
 
 @app.command()

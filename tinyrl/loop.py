@@ -22,16 +22,23 @@ import torch
 
 import numpy as np
 
-from tinyrl import checkpoint, encoder, grpo, memory, meter, policy, prompts, rewards, tasks
+from tinyrl import budget, checkpoint, encoder, grpo, memory, meter, policy, prompts, rewards, tasks
 from tinyrl import config as config_mod
 from tinyrl.config import Config
 from tinyrl.errors import UserError
 from tinyrl.types import Example, Rollouts, Scored, TrainBatch
 
 
-def fit(cfg: Config, quiet: bool = False) -> str:
-    """Train (or resume) the run in cfg.out; returns the run folder."""
+def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) -> str:
+    """Train (or resume) the run in cfg.out; returns the run folder. `pins`: settings the user set by hand,
+    which the --vram planner keeps."""
     check_writable(cfg.out)
+    planned = None
+    if cfg.vram:  # the planner picks every memory setting before any weight loads
+        planned = make_plan(cfg, pins, budget.detect_caps())
+        cfg = with_overrides(cfg, **planned.knobs())
+        if not quiet:
+            print(budget.format_plan(planned), flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, None)
@@ -86,6 +93,9 @@ def fit(cfg: Config, quiet: bool = False) -> str:
             timings["step"] = time.perf_counter() - started
             metrics = step_metrics(step + 1, rollouts, scored, cfg, loss=loss, kl=kl, grad_norm=grad_norm,
                                    lr=lr, timings=timings, peaks=peaks)
+            if planned:
+                metrics.update({"plan/generate": planned.breakdown.fixed + planned.breakdown.generation,
+                                "plan/train": planned.breakdown.fixed + planned.breakdown.training})
             if memory_stats:
                 metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -97,7 +107,7 @@ def fit(cfg: Config, quiet: bool = False) -> str:
                 checkpoint.save(run, step + 1, model, optimizer, scheduler, {"total": total}, mem)
     finally:
         log.close()
-    log.echo(summary(log.history, run))
+    log.echo(meter.report(run))
     return run
 
 
@@ -129,6 +139,27 @@ def prepare_run(cfg: Config) -> tuple[str, str | None]:
 
 def system_prompt(task: str) -> str:
     return prompts.TOY_SYSTEM_PROMPT if tasks.reward_kind(task) == "toy" else prompts.SYSTEM_PROMPT
+
+
+def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
+    """The --vram plan: model geometry from config.json (no weights), prompt lengths from a sample of the task
+    rendered with the model's tokenizer when one is at hand (else the prompt cap), the user's settings pinned."""
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct" if cfg.model in policy.ALIASES else cfg.model
+    geometry = budget.geometry_from_config(budget.load_model_config(name), name=cfg.model)
+    lengths = [cfg.max_prompt_tokens]
+    try:
+        sample = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, 64)
+        tokenizer = policy.load_tokenizer(policy.resolve_model(cfg.model))
+        rendered = prompts.render(sample, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
+                                  seed=cfg.seed, system_prompt=system_prompt(cfg.task))
+        lengths = rendered.attention_mask.sum(-1).tolist()
+    except (UserError, OSError, ValueError):
+        pass  # no data or tokenizer offline: plan for full-length prompts, the safe side
+    knobs = {k: getattr(cfg, k) for k in budget.KNOBS if k in pins}
+    base = {k: getattr(cfg, k) for k in ("group_size", "prompts_per_step", "max_prompt_tokens", "max_new_tokens")}
+    encoder_bytes = budget.ENCODER_BYTES if cfg.method.startswith("memory") else 0
+    return budget.plan(geometry, budget.parse_bytes(cfg.vram), lengths, caps, knobs, base=base,
+                       encoder_bytes=encoder_bytes)
 
 
 def check_writable(run: str) -> None:
@@ -268,21 +299,6 @@ def sample_rows(rollouts: Rollouts, scored: Scored, n: int) -> list[dict]:
                      "reward": round(scored.total[i].item(), 4),
                      **{k: round(v[i].item(), 4) for k, v in scored.components.items()}})
     return rows
-
-
-def summary(history: list[dict], run: str) -> str:
-    """What the run learned: first vs last steps' reward and correctness."""
-    if not history:
-        return f"done: {run}"
-    k = max(1, min(5, len(history) // 2))
-    first, last = history[:k], history[-k:]
-
-    def avg(rows, key):
-        return sum(r.get(key, 0.0) for r in rows) / len(rows)
-
-    return (f"done: {run}  reward {avg(first, 'reward/total'):.3f} -> {avg(last, 'reward/total'):.3f}  "
-            f"correct {avg(first, 'correct'):.3f} -> {avg(last, 'correct'):.3f}  (mean of first/last {k} steps; "
-            f"metrics in {os.path.join(run, 'metrics.jsonl')})")
 
 
 # --- evaluation ---------------------------------------------------------------------------------

@@ -189,3 +189,43 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in keep)
     os.replace(tmp, path)
+
+
+# --- what a run learned -------------------------------------------------------------------------
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One character per value, scaled between the min and the max.
+
+    >>> sparkline([0.0, 0.5, 1.0])
+    ' ▄█'
+    """
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(BARS[round((v - lo) / span * (len(BARS) - 1))] for v in values)
+
+
+def report(run: str, width: int = 60) -> str:
+    """Reward curve, per-component change and the first vs the last sampled completion of a run."""
+    history = _read_jsonl(os.path.join(run, "metrics.jsonl"))
+    if not history:
+        return f"{run}: no steps logged yet"
+    k = max(1, min(5, len(history) // 4))
+    lines = [f"{run}: {len(history)} steps"]
+    keys = ["reward/total"] + sorted(key for key in history[0] if key.startswith("reward/") and key != "reward/total")
+    for key in keys + ["correct", "len/mean"]:
+        series = [m.get(key, 0.0) for m in history]
+        stride = max(1, len(series) // width)
+        curve = [sum(series[i:i + stride]) / len(series[i:i + stride]) for i in range(0, len(series), stride)]
+        first, last = sum(series[:k]) / k, sum(series[-k:]) / k
+        lines.append(f"  {key:<22} {first:8.3f} -> {last:8.3f}  {sparkline(curve)}")
+    samples = _read_jsonl(os.path.join(run, "samples.jsonl"))
+    if samples:
+        for label, row in (("first", samples[0]), ("last", samples[-1])):
+            text = " ".join(str(row.get("completion", "")).split())[:160]
+            lines.append(f"  {label} sample (step {row['step']}, reward {row.get('reward', 0):.2f}): {text}")
+    return "\n".join(lines)
