@@ -95,3 +95,45 @@ def test_memory_r_plus_fit_logs_memory_and_switches_explore_on(tiny_model, tmp_p
 
 def metrics_question(run):
     return rows(os.path.join(run, "samples.jsonl"))[0]["question"]
+
+
+def test_oom_backoff_halves_and_continues_the_same_step(tiny_model, tmp_path, monkeypatch):
+    """A simulated out-of-memory error (CPU test hook): training with micro_batch > 2 and generation with
+    gen_batch > 4 'do not fit'; fit halves them, logs it, and every step still completes."""
+    real_train, real_generate = loop.train_step, loop.policy.generate
+    calls = {"train": [], "generate": []}
+
+    def train_step(model, optimizer, batch, cfg, device):
+        calls["train"].append(cfg.micro_batch)
+        if cfg.micro_batch > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real_train(model, optimizer, batch, cfg, device)
+
+    def generate(*args, **kw):
+        calls["generate"].append(kw["gen_batch"])
+        if kw["gen_batch"] > 4:
+            raise torch.OutOfMemoryError("simulated")
+        return real_generate(*args, **kw)
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop.policy, "generate", generate)
+    cfg = Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=3, prompts_per_step=2,
+                 group_size=4, max_new_tokens=8, micro_batch=8, gen_batch=16, lr=1e-2)
+    run = loop.fit(cfg, quiet=True)
+    metrics = rows(os.path.join(run, "metrics.jsonl"))
+    assert calls["train"] == [8, 4, 2, 2, 2] and calls["generate"] == [16, 8, 4, 4, 4]
+    assert [m["oom/micro_batch"] for m in metrics] == [2, 2, 2] and metrics[0]["oom/backoffs"] == 4
+    assert len(metrics) == 3 and metrics[-1]["grad_norm"] > 0
+
+
+def test_oom_at_the_floor_is_one_clear_error(tiny_model, tmp_path, monkeypatch):
+    from tinyrl.errors import UserError
+
+    def train_step(*args):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    cfg = Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=1, prompts_per_step=1,
+                 group_size=2, max_new_tokens=4, micro_batch=2)
+    with pytest.raises(UserError, match="micro_batch=1"):
+        loop.fit(cfg, quiet=True)

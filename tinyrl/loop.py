@@ -75,10 +75,10 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
             rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
                                       seed=cfg.seed, system_prompt=system_prompt(cfg.task))
             with meter.phase(timings, peaks, "generate", device):
-                rollouts = policy.generate(model, tokenizer, rendered, group_size=cfg.group_size,
-                                           max_new_tokens=cfg.max_new_tokens, gen_batch=cfg.gen_batch,
-                                           temperature=cfg.temperature, top_p=cfg.top_p,
-                                           min_new_tokens=cfg.min_new_tokens)
+                rollouts, cfg = with_oom_backoff(lambda c: policy.generate(
+                    model, tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
+                    gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
+                    min_new_tokens=c.min_new_tokens), cfg, "gen_batch", log)
             with meter.phase(timings, peaks, "score", device):
                 scored = score(cfg, rollouts)
             memory_stats = {}
@@ -88,11 +88,15 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
             adv = grpo.advantages(scored.total, cfg.group_size)  # [P*G]
             with meter.phase(timings, peaks, "train", device):
                 lr = scheduler.get_last_lr()[0]
-                loss, kl, grad_norm = train_step(model, optimizer, grpo.train_batch(rollouts, adv), cfg, device)
+                batch = grpo.train_batch(rollouts, adv)
+                (loss, kl, grad_norm), cfg = with_oom_backoff(
+                    lambda c: train_step(model, optimizer, batch, c, device), cfg, "micro_batch", log)
                 scheduler.step()
             timings["step"] = time.perf_counter() - started
             metrics = step_metrics(step + 1, rollouts, scored, cfg, loss=loss, kl=kl, grad_norm=grad_norm,
                                    lr=lr, timings=timings, peaks=peaks)
+            metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
+                            "oom/micro_batch": cfg.micro_batch})
             if planned:
                 metrics.update({"plan/generate": planned.breakdown.fixed + planned.breakdown.generation,
                                 "plan/train": planned.breakdown.fixed + planned.breakdown.training})
@@ -239,6 +243,30 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
              "time/memory_total_ms": out.timing_ms["total"] + encode_ms,
              **{f"memory/{k}": v for k, v in sizes.items()}}
     return Scored(components=components, total=total, correct=scored.correct), stats
+
+
+def with_oom_backoff(run, cfg: Config, knob: str, log):
+    """Run `run(cfg)`; on out-of-memory halve `knob` (gen_batch or micro_batch) and run the same work again.
+
+    Nothing is lost: a training retry starts from zeroed gradients before any optimizer step, and the rollouts
+    of the step are kept. The smaller value stays for the rest of the run. Returns (result, cfg).
+    """
+    while True:
+        try:
+            return run(cfg), cfg
+        except torch.OutOfMemoryError:
+            value = getattr(cfg, knob)
+            if value == 1:
+                raise UserError(f"out of memory with {knob}=1; lower max_new_tokens or lora_rank, use "
+                                "quant=4bit, or plan with a smaller --vram (docs/memory.md: what to try on OOM)")
+            smaller = dataclasses.replace(cfg, **{knob: value // 2})
+            if knob == "micro_batch":
+                smaller = dataclasses.replace(smaller, logprob_chunk=min(cfg.logprob_chunk, value // 2))
+            log.echo(f"warning: out of memory; {knob} {value} -> {value // 2}, retrying the step")
+            log.oom_backoffs += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            cfg = smaller
 
 
 def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device) -> tuple[float, float, float]:

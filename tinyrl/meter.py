@@ -119,6 +119,7 @@ class Meter:
         self.out, self.total = out, total
         self.history: list[dict] = _read_jsonl(os.path.join(out, "metrics.jsonl"))
         self.warned: set[str] = set()
+        self.oom_backoffs = 0  # times an out-of-memory error halved gen_batch or micro_batch in this process
         self.quiet = quiet
         self.progress = None
         if sys.stderr.isatty() and not quiet:
