@@ -1,0 +1,76 @@
+"""Write the README's results table from bench/results/*.json (every number in it comes from a bench script).
+
+    python bench/table.py            # rewrites the block between the results markers in README.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "..", "README.md")
+START, END = "<!-- results:start (bench/table.py) -->", "<!-- results:end -->"
+
+
+def load(name: str) -> dict | None:
+    path = os.path.join(HERE, "results", name)
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def rows() -> list[tuple[str, str, str, str]]:
+    out = []
+    fit = load("fit_cpu.json")
+    if fit:
+        hw = f"{fit['hardware']['cpu']}, {fit['hardware']['cores']} cores"
+        d, p = fit["demo"], fit["peer_geometry"]
+        out.append(("demo: SmolLM2-135M learns the toy reward (first 5 → last 5 steps)",
+                    f"{d['reward_first5']:.2f} → {d['reward_last5']:.2f} in {d['wall_s']:.0f} s", hw,
+                    "bench/fit_cpu.py"))
+        out.append(("s/step, SmolLM2-135M, P=2 G=4, 64 tokens (generate / train)",
+                    f"{p['median_step_s']:.1f} ({p['median_generate_s']:.1f} / {p['median_train_s']:.1f})"
+                    f" — TRL measured {p['trl_measured_s_per_step']} (not side by side)", hw, "bench/fit_cpu.py"))
+        out.append(("peak RSS, same run", f"{p['peak_rss_gib']:.2f} GiB — TRL measured "
+                    f"{p['trl_measured_peak_rss_gib']} GiB", hw, "bench/fit_cpu.py"))
+    mem = load("memory.json")
+    if mem:
+        hw = f"{mem['hardware']['cpu']}, {mem['hardware']['cores']} cores"
+        q = mem["store"]["query"]["expansion_search=64"]
+        out.append(("memory: query p50 / p99 at 100k keys (int8 usearch, mmap + delta)",
+                    f"{q['p50_ms']:.2f} / {q['p99_ms']:.2f} ms", hw, "bench/memory.py"))
+        out.append(("memory: recall@1 vs exact search, 100k clustered keys",
+                    f"{q['recall@1']:.3f}", hw, "bench/memory.py"))
+        out.append(("memory: open 100k-key memory (mmap)", f"{mem['store']['open_state_ms']:.1f} ms", hw,
+                    "bench/memory.py"))
+        step = mem["step"][0]
+        out.append((f"memory work per step, {step['completions']} completions, K={step['k']} (encode excluded)",
+                    f"{step['median_ms']['total']:.1f} ms", hw, "bench/memory.py"))
+    budget = load("budget_cpu.json")
+    if budget:
+        errors = [abs(p["error"]) for c in budget["cases"] for p in c["phases"]
+                  if p["error"] is not None and c["dtype"] == "fp32"]
+        out.append(("planner: training/generation estimate vs measured (CPU, fp32, random Llama)",
+                    f"within {100 * max(errors):.0f} %", budget["hardware"]["cpu"] if isinstance(
+                        budget["hardware"], dict) and "cpu" in budget["hardware"] else "CPU", "bench/budget_cpu.py"))
+    return out
+
+
+def table() -> str:
+    lines = ["| what | result | hardware | script |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | `{d}` |" for a, b, c, d in rows()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = open(README).read()
+    i, j = text.index(START) + len(START), text.index(END)
+    new = text[:i] + "\n" + table() + "\n" + text[j:]
+    tmp = README + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, README)
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
