@@ -75,3 +75,16 @@ def test_existing_run_with_other_settings_is_refused(tiny_model, tmp_path, monke
     config.save(config.Config(task="toy", model=tiny_model, out=out, group_size=4), os.path.join(out, "config.json"))
     code, err = run_cli(monkeypatch, capsys, "fit", "toy", "--model", tiny_model, "--out", out)
     assert code == 2 and "--resume" in err and "group_size=4" in err
+
+
+def test_plan_prints_the_byte_table_without_weights(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["tinyrl", "plan", "gsm8k", "--vram", "8G", "--model",
+                                      "Qwen/Qwen2.5-0.5B-Instruct"])
+    cli.main()
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "micro_batch" in out and "group_size               16" in out
+
+
+def test_plan_impossible_budget_is_one_line(monkeypatch, capsys):
+    code, err = run_cli(monkeypatch, capsys, "plan", "gsm8k", "--vram", "1G", "--model", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert code == 2 and "does not fit" in err and "needs" in err and len(err.splitlines()) == 1
