@@ -49,6 +49,9 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
     model, tokenizer, device = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
+    if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
+        total_bytes = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget.parse_bytes(cfg.vram) / total_bytes), device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
