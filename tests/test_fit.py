@@ -137,3 +137,11 @@ def test_oom_at_the_floor_is_one_clear_error(tiny_model, tmp_path, monkeypatch):
                  group_size=2, max_new_tokens=4, micro_batch=2)
     with pytest.raises(UserError, match="micro_batch=1"):
         loop.fit(cfg, quiet=True)
+
+
+def test_eval_every_n_steps_during_fit(tiny_model, tmp_path):
+    cfg = Config(task="arith", model=tiny_model, out=str(tmp_path / "run"), steps=2, prompts_per_step=1,
+                 group_size=2, max_new_tokens=6, eval_every=2, eval_limit=3, gen_batch=4)
+    metrics = rows(os.path.join(loop.fit(cfg, quiet=True), "metrics.jsonl"))
+    assert "eval/exact_match" not in metrics[0] and metrics[1]["eval/n"] == 3
+    assert 0.0 <= metrics[1]["eval/extractive_match"] <= 1.0

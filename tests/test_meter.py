@@ -1,0 +1,42 @@
+"""Collapse warnings, the report, and crash-safe jsonl handling."""
+
+import json
+
+from tinyrl import meter
+
+HEALTHY = {"len/frac_at_cap": 0.1, "len/frac_short": 0.0, "groups/frac_zero_var": 0.2, "correct": 0.3,
+           "reward/xml_count": 0.2, "reward/soft_format": 0.0, "reward/strict_format": 0.1}
+
+
+def test_healthy_history_gives_no_warning():
+    assert meter.collapse_warnings([HEALTHY] * 10) == []
+    assert meter.collapse_warnings([{**HEALTHY, "len/frac_at_cap": 1.0}] * 4) == []  # fewer than 5 steps
+
+
+def test_each_collapse_indicator_trips():
+    def warn(**change):
+        return " ".join(meter.collapse_warnings([{**HEALTHY, **change}] * 10))
+
+    assert "pinned at the cap" in warn(**{"len/frac_at_cap": 0.95})
+    assert "under 16 tokens" in warn(**{"len/frac_short": 0.8})
+    assert "identical rewards" in warn(**{"groups/frac_zero_var": 1.0})
+    farming = {"reward/xml_count": 0.5, "reward/soft_format": 0.5, "reward/strict_format": 0.5, "correct": 0.0}
+    assert "format reward saturated" in warn(**farming)
+    improving = [{**HEALTHY, **farming, "correct": 0.0}] * 5 + [{**HEALTHY, **farming, "correct": 0.5}] * 5
+    assert not any("format" in w for w in meter.collapse_warnings(improving))
+
+
+def test_truncate_keeps_complete_rows_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "rew')
+    assert [r["step"] for r in meter._read_jsonl(str(path))] == [1, 2, 3, 4, 5]  # the cut line is ignored
+    meter.truncate_jsonl(str(path), 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_report_shows_first_and_last(tmp_path):
+    rows = [{"step": s, "reward/total": s / 10, "reward/digits": s / 10, "correct": 0.0, "len/mean": 20.0}
+            for s in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = meter.report(str(tmp_path))
+    assert "reward/total" in text and "0.150 ->    0.950" in text
