@@ -5,7 +5,8 @@ RSS, and what the demo learns. Writes bench/results/fit_cpu.json.
 
 Runs: (1) the README demo (toy digit reward, P=4 G=4, 24 new tokens, 20 steps): reward first 5 vs last 5
 steps; (2) GSM8K-format arith prompts at the TRL peer geometry of docs measured.md (P=2 G=4, exactly 64 new
-tokens via min_new_tokens, LoRA r=16, checkpointing, fp32): median seconds per step over steps 2-4.
+tokens via min_new_tokens, LoRA r=16, checkpointing, fp32): median seconds per step over steps 2-4. The
+side-by-side comparison with TRL is bench/vs_trl.py.
 """
 
 from __future__ import annotations
@@ -71,8 +72,7 @@ def main() -> None:
         **{f"median_{k}_s": round(statistics.median(r[f"time/{k}"] for r in rows), 2)
            for k in ("step", "generate", "score", "train")},
         "peak_rss_gib": round(max(max(r["mem/generate"], r["mem/train"]) for r in rows) / 2**30, 2),
-        "trl_measured_s_per_step": 36.1, "trl_measured_peak_rss_gib": 3.7,
-        "trl_note": "TRL 1.16 figures are from ../shared/docs/measured.md (same machine type, not side by side)"}
+    }
     print(json.dumps(results["peer_geometry"]), flush=True)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     tmp = OUT + ".tmp"

@@ -27,11 +27,17 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append(("demo: SmolLM2-135M learns the toy reward (first 5 → last 5 steps)",
                     f"{d['reward_first5']:.2f} → {d['reward_last5']:.2f} in {d['wall_s']:.0f} s", hw,
                     "bench/fit_cpu.py"))
-        out.append(("s/step, SmolLM2-135M, P=2 G=4, 64 tokens (generate / train)",
-                    f"{p['median_step_s']:.1f} ({p['median_generate_s']:.1f} / {p['median_train_s']:.1f})"
-                    f" — TRL measured {p['trl_measured_s_per_step']} (not side by side)", hw, "bench/fit_cpu.py"))
-        out.append(("peak RSS, same run", f"{p['peak_rss_gib']:.2f} GiB — TRL measured "
-                    f"{p['trl_measured_peak_rss_gib']} GiB", hw, "bench/fit_cpu.py"))
+    vs = load("vs_trl.json")
+    if vs:
+        hw = f"{vs['hardware']['cpu']}, {vs['hardware']['cores']} cores, TRL {vs['hardware']['trl']}"
+        t, r = vs["summary"]["tinyrl"], vs["summary"]["trl"]
+        out.append(("s/step vs TRL GRPOTrainer, side by side (SmolLM2-135M, P=2 G=4, 64 tokens, LoRA r16)",
+                    f"{t['s_per_step']['median']:.1f} vs {r['s_per_step']['median']:.1f} "
+                    f"(×{t['s_per_step']['median'] / r['s_per_step']['median']:.2f}); generation "
+                    f"{t['generate_s']['median']:.1f} vs {r['generate_s']['median']:.1f}", hw, "bench/vs_trl.py"))
+        out.append(("peak RSS vs TRL, same runs", f"{t['peak_rss_gib']['median']:.2f} vs "
+                    f"{r['peak_rss_gib']['median']:.2f} GiB (×{t['peak_rss_gib']['median'] / r['peak_rss_gib']['median']:.2f})",
+                    hw, "bench/vs_trl.py"))
     mem = load("memory.json")
     if mem:
         hw = f"{mem['hardware']['cpu']}, {mem['hardware']['cores']} cores"
