@@ -74,6 +74,19 @@ def main() -> None:
         "peak_rss_gib": round(max(max(r["mem/generate"], r["mem/train"]) for r in rows) / 2**30, 2),
     }
     print(json.dumps(results["peer_geometry"]), flush=True)
+    gsm8k = os.path.join(os.path.dirname(OUT), "..", "..", "..", "shared", "data", "gsm8k")
+    if os.path.exists(os.path.join(gsm8k, "train.jsonl")):  # Memory-R+ share of a step, real MiniLM encoder
+        memory_run = Config(task="gsm8k", data=gsm8k, model="smollm2-135m", method="memory-r+", steps=4,
+                            prompts_per_step=2, group_size=4, max_new_tokens=64, min_new_tokens=64,
+                            out=os.path.join(root, "memory"), save_every=100, gen_batch=8, micro_batch=8)
+        rows = metrics(loop.fit(memory_run, quiet=True))[1:]
+        results["memory_share"] = {
+            "config": "gsm8k train, memory-r+, MiniLM fp32 on CPU, P=2 G=4, 64 new tokens, SmolLM2-135M",
+            "median_memory_s": round(statistics.median(r["time/memory"] for r in rows), 3),
+            "median_encode_ms": round(statistics.median(r["time/memory_encode_ms"] for r in rows), 1),
+            "median_step_s": round(statistics.median(r["time/step"] for r in rows), 2),
+            "median_share": round(statistics.median(r["time/memory_share"] for r in rows), 4)}
+        print(json.dumps(results["memory_share"]), flush=True)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     tmp = OUT + ".tmp"
     with open(tmp, "w") as f:

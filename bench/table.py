@@ -23,10 +23,15 @@ def rows() -> list[tuple[str, str, str, str]]:
     fit = load("fit_cpu.json")
     if fit:
         hw = f"{fit['hardware']['cpu']}, {fit['hardware']['cores']} cores"
-        d, p = fit["demo"], fit["peer_geometry"]
+        d = fit["demo"]
         out.append(("demo: SmolLM2-135M learns the toy reward (first 5 → last 5 steps)",
                     f"{d['reward_first5']:.2f} → {d['reward_last5']:.2f} in {d['wall_s']:.0f} s", hw,
                     "bench/fit_cpu.py"))
+        if "memory_share" in fit:
+            m = fit["memory_share"]
+            out.append(("Memory-R+ share of a step (encode + search + rewards + write; SmolLM2, GSM8K, P=2 G=4)",
+                        f"{100 * m['median_share']:.1f} % ({m['median_memory_s']:.2f} s of {m['median_step_s']:.1f} s)",
+                        hw, "bench/fit_cpu.py"))
     vs = load("vs_trl.json")
     if vs:
         hw = f"{vs['hardware']['cpu']}, {vs['hardware']['cores']} cores, TRL {vs['hardware']['trl']}"
