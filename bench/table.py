@@ -46,8 +46,9 @@ def rows() -> list[tuple[str, str, str, str]]:
     mem = load("memory.json")
     if mem:
         hw = f"{mem['hardware']['cpu']}, {mem['hardware']['cores']} cores"
-        q = mem["store"]["query"]["expansion_search=64"]
-        out.append(("memory: query p50 / p99 at 100k keys (int8 usearch, mmap + delta)",
+        ef = mem["settings"]["expansion_search"]
+        q = mem["store"]["query"][f"expansion_search={ef}"]
+        out.append((f"memory: query p50 / p99 at 100k keys (int8 usearch, mmap + delta, search width {ef})",
                     f"{q['p50_ms']:.2f} / {q['p99_ms']:.2f} ms", hw, "bench/memory.py"))
         out.append(("memory: recall@1 vs exact search, 100k clustered keys",
                     f"{q['recall@1']:.3f}", hw, "bench/memory.py"))

@@ -152,8 +152,9 @@ class MemorySettings:
     tol: float = 1e-6  # raw scores closer than this count as equal (degenerate window → 0)
     connectivity: int = 32  # HNSW edges per node (usearch default 16; 32 for recall on clustered data)
     expansion_add: int = 128  # HNSW beam width while inserting
-    expansion_search: int = 64  # HNSW beam width while searching; with the exact re-rank: recall@1 / @10 0.996 /
-    # 0.994 on GSM8K MiniLM keys (32: 0.989 / 0.980; int8 alone stays ~0.94 at any width), see bench/memory.py
+    expansion_search: int = 32  # HNSW beam width while searching, raised to 2K + rerank for large K; with the
+    # exact re-rank: recall@1 0.987 on GSM8K MiniLM keys, 0.999 on 100k clustered keys, p50 < 1 ms at 100k keys
+    # (64: 0.996 / 1.0 at ~1.1 ms; int8 alone stays ~0.94 at any width), see bench/memory.py
     rerank: int = 16  # extra index candidates fetched per query and re-ranked by exact cosine
 
     def check(self) -> MemorySettings:
@@ -177,6 +178,15 @@ class _Plan:
     new_row: dict[int, int] = field(default_factory=dict)  # new key -> row whose key vector it uses
     evicted: dict[int, int] = field(default_factory=dict)  # key -> time it is evicted (FIFO)
     appends: dict[int, list[int]] = field(default_factory=dict)  # key -> rows appending a value, in order
+
+
+def search_width(settings: MemorySettings) -> int:
+    """HNSW beam while searching: expansion_search, widened for large K so recall@K holds (K=20: 56).
+
+    >>> search_width(MemorySettings(k=1)), search_width(MemorySettings(k=20))
+    (32, 56)
+    """
+    return max(settings.expansion_search, 2 * settings.k + settings.rerank)
 
 
 class Memory:
@@ -210,7 +220,7 @@ class Memory:
 
     def _new_index(self) -> Index:
         return Index(ndim=self.settings.dim, metric="cos", dtype="i8", connectivity=self.settings.connectivity,
-                     expansion_add=self.settings.expansion_add, expansion_search=self.settings.expansion_search)
+                     expansion_add=self.settings.expansion_add, expansion_search=search_width(self.settings))
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -452,7 +462,7 @@ class Memory:
         if n and (np.any(np.diff(keys.astype(np.int64)) <= 0) or int(keys[-1]) >= next_key
                   or not bool(np.all(index.contains(np.asarray(keys))))):
             raise bad("index keys do not match keys.npy")
-        index.expansion_search = self.settings.expansion_search
+        index.expansion_search = search_width(self.settings)
         index.expansion_add = self.settings.expansion_add
         self._base, self._f_offsets = index, offsets
         # plain ndarray views of the maps: same pages, faster slicing than np.memmap objects
