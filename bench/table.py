@@ -52,6 +52,10 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"{q['p50_ms']:.2f} / {q['p99_ms']:.2f} ms", hw, "bench/memory.py"))
         out.append(("memory: recall@1 vs exact search, 100k clustered keys",
                     f"{q['recall@1']:.3f}", hw, "bench/memory.py"))
+        if "real_gsm8k" in mem:
+            real = mem["real_gsm8k"][f"expansion_search={ef}"]
+            out.append(("memory: recall@1 on real MiniLM keys (GSM8K test questions vs 7,473 train keys)",
+                        f"{real['recall@1']:.3f}", hw, "bench/memory.py --real"))
         out.append(("memory: open 100k-key memory (mmap)", f"{mem['store']['open_state_ms']:.1f} ms", hw,
                     "bench/memory.py"))
         step = mem["step"][0]

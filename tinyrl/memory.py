@@ -153,8 +153,8 @@ class MemorySettings:
     connectivity: int = 32  # HNSW edges per node (usearch default 16; 32 for recall on clustered data)
     expansion_add: int = 128  # HNSW beam width while inserting
     expansion_search: int = 32  # HNSW beam width while searching, raised to 2K + rerank for large K; with the
-    # exact re-rank: recall@1 0.987 on GSM8K MiniLM keys, 0.999 on 100k clustered keys, p50 < 1 ms at 100k keys
-    # (64: 0.996 / 1.0 at ~1.1 ms; int8 alone stays ~0.94 at any width), see bench/memory.py
+    # exact re-rank: recall@1 0.988 on GSM8K MiniLM keys, 0.998 on 100k clustered keys, p50 0.53 ms at 100k keys
+    # (64: 0.996 / 1.0 at 0.57 ms; int8 alone stays ~0.85-0.94 at any width), see bench/results/memory.json
     rerank: int = 16  # extra index candidates fetched per query and re-ranked by exact cosine
 
     def check(self) -> MemorySettings:
