@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from hardware import cpu_name  # noqa: E402
 from tinyrl import loop  # noqa: E402
 from tinyrl.config import Config  # noqa: E402
 
@@ -34,17 +35,6 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fit_c
 def metrics(run: str) -> list[dict]:
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -36,6 +36,10 @@ import tempfile
 import threading
 import time
 
+from hardware import cpu_name
+
+from tinyrl.meter import peak_bytes
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -59,27 +63,15 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # --- shared helpers --------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def vm_hwm() -> int:
     """Peak RSS (VmHWM) of this process in bytes; 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return peak_bytes(torch_cpu())
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
 
 
 class PeakRSS:
