@@ -29,7 +29,7 @@ def test_each_collapse_indicator_trips():
 def test_truncate_keeps_complete_rows_up_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "rew')
-    assert [r["step"] for r in meter._read_jsonl(str(path))] == [1, 2, 3, 4, 5]  # the cut line is ignored
+    assert [r["step"] for r in meter.read_jsonl(str(path))] == [1, 2, 3, 4, 5]  # the cut line is ignored
     meter.truncate_jsonl(str(path), 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 

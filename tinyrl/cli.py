@@ -81,12 +81,12 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
     from tinyrl import checkpoint, loop
 
     base = Config()
-    adapter_dir = None
+    adapter_dir, results_dir = None, "."
     if adapter:
         adapter_dir = adapter
         if os.path.exists(os.path.join(adapter, "config.json")) and not os.path.exists(
                 os.path.join(adapter, "adapter_config.json")):
-            base = config_mod.load(os.path.join(adapter, "config.json"))
+            base, results_dir = config_mod.load(os.path.join(adapter, "config.json")), adapter
             adapter_dir = checkpoint.latest(adapter)
             if adapter_dir is None:
                 raise UserError(f"--adapter {adapter}: the run has no checkpoint yet")
@@ -95,7 +95,7 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
     cfg = build_config(base, {"task": task, "model": model, "data": data}, set_)
-    out_path = out or os.path.join(adapter if adapter and adapter_dir != adapter else ".", f"eval-{task}.jsonl")
+    out_path = out or os.path.join(results_dir, f"eval-{task}.jsonl")
     result = loop.evaluate(cfg, adapter_dir, limit, out_path)
     print(f"eval {task}: exact_match {result['exact_match']:.4f}  extractive_match {result['extractive_match']:.4f}"
           f"  n={result['n']}  (per-example: {out_path})")
@@ -133,14 +133,11 @@ def memory_inspect(run: str = typer.Argument(..., help="A run folder trained wit
                    n: int = typer.Option(5, help="Neighbours to show.")):
     """Both memories' sizes at the last checkpoint and, for a question, its nearest stored questions with
     sample traces (from samples.jsonl; the memory itself keeps embeddings, not text)."""
-    import json
+    from tinyrl import checkpoint, encoder, memory, meter
 
-    from tinyrl import checkpoint, encoder, memory
-
-    cfg = config_mod.load(os.path.join(run, "config.json")) if os.path.exists(os.path.join(run, "config.json")) \
-        else None
-    if cfg is None:
+    if not os.path.exists(os.path.join(run, "config.json")):
         raise UserError(f"{run}: no config.json; is it a run folder?")
+    cfg = config_mod.load(os.path.join(run, "config.json"))
     ckpt = checkpoint.latest(run)
     if ckpt is None or not os.path.isdir(os.path.join(ckpt, "memory")):
         raise UserError(f"{run}: no checkpoint with a memory yet (method {cfg.method})")
@@ -155,15 +152,8 @@ def memory_inspect(run: str = typer.Argument(..., help="A run folder trained wit
         return
     enc = encoder.HashingEncoder() if cfg.encoder == "hashing" else encoder.Encoder(cfg.encoder, device="cpu")
     traces: dict[str, list[str]] = {}
-    samples = os.path.join(run, "samples.jsonl")
-    if os.path.exists(samples):
-        with open(samples) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                traces.setdefault(row.get("question", ""), []).append(row.get("completion", ""))
+    for row in meter.read_jsonl(os.path.join(run, "samples.jsonl")):
+        traces.setdefault(row.get("question", ""), []).append(row.get("completion", ""))
     for nb in state.nearest(enc.encode([question])[0], n):
         print(f"  [{nb.memory}] distance {nb.distance:.3f}  {nb.values} traces  {nb.question[:100]}")
         for text in traces.get(nb.question, [])[:2]:

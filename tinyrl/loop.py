@@ -181,12 +181,14 @@ def check_writable(run: str) -> None:
 
 def examples_for_step(data: list[Example], step: int, per_step: int, seed: int) -> list[Example]:
     """The P examples of a step: a fresh seeded shuffle each epoch, so the data position is just the step."""
+    orders: dict[int, list[int]] = {}  # epoch -> its permutation (a step spans at most two epochs)
     out = []
     for i in range(step * per_step, (step + 1) * per_step):
         epoch, pos = divmod(i, len(data))
-        order = list(range(len(data)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(data[order[pos]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(data)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        out.append(data[orders[epoch][pos]])
     return out
 
 
@@ -203,8 +205,7 @@ def score(cfg: Config, rollouts: Rollouts) -> Scored:
                                           max_len=cfg.cosine_max_len)
         correct = rewards.correct_flags(completions, answers, numeric=cfg.numeric_match)
     tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in components.items()}  # name -> [P*G]
-    total = torch.stack(list(tensors.values())).sum(0)  # [P*G]
-    return Scored(components=tensors, total=total, correct=torch.tensor(correct, dtype=torch.bool))
+    return Scored(components=tensors, correct=torch.tensor(correct, dtype=torch.bool))
 
 
 def memory_setup(cfg: Config, device):
@@ -237,7 +238,6 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
     components["exploit"] = torch.from_numpy(s.exploit_weight * out.exploit).float()  # [P*G]
     if s.explore_weight:
         components["explore"] = torch.from_numpy(s.explore_weight * out.explore).float()  # [P*G]
-    total = torch.stack(list(components.values())).sum(0)  # [P*G]
     sizes = mem.stats()
     stats = {"memory/exploit_raw": float(out.exploit_raw.mean()), "memory/exploit": float(out.exploit.mean()),
              "memory/explore_raw": float(out.explore_raw.mean()), "memory/explore": float(out.explore.mean()),
@@ -245,7 +245,7 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
              "time/memory_recall_ms": out.timing_ms["search"],
              "time/memory_total_ms": out.timing_ms["total"] + encode_ms,
              **{f"memory/{k}": v for k, v in sizes.items()}}
-    return Scored(components=components, total=total, correct=scored.correct), stats
+    return Scored(components=components, correct=scored.correct), stats
 
 
 def with_oom_backoff(run, cfg: Config, knob: str, log):

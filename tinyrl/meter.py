@@ -117,7 +117,7 @@ class Meter:
 
     def __init__(self, out: str, total: int, start: int, quiet: bool = False):
         self.out, self.total = out, total
-        self.history: list[dict] = _read_jsonl(os.path.join(out, "metrics.jsonl"))
+        self.history: list[dict] = read_jsonl(os.path.join(out, "metrics.jsonl"))
         self.warned: set[str] = set()
         self.oom_backoffs = 0  # times an out-of-memory error halved gen_batch or micro_batch in this process
         self.quiet = quiet
@@ -167,7 +167,7 @@ def _append_jsonl(path: str, row: dict) -> None:
         f.flush()
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
     """Complete lines only: a line cut by a crash is ignored."""
     if not os.path.exists(path):
         return []
@@ -185,7 +185,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     """On resume: keep only rows with step <= last_step (the steps after the checkpoint run again)."""
     if not os.path.exists(path):
         return
-    keep = [row for row in _read_jsonl(path) if row.get("step", 0) <= last_step]
+    keep = [row for row in read_jsonl(path) if row.get("step", 0) <= last_step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in keep)
@@ -212,7 +212,7 @@ def sparkline(values: list[float]) -> str:
 
 def report(run: str, width: int = 60) -> str:
     """Reward curve, per-component change and the first vs the last sampled completion of a run."""
-    history = _read_jsonl(os.path.join(run, "metrics.jsonl"))
+    history = read_jsonl(os.path.join(run, "metrics.jsonl"))
     if not history:
         return f"{run}: no steps logged yet"
     k = max(1, min(5, len(history) // 4))
@@ -224,7 +224,7 @@ def report(run: str, width: int = 60) -> str:
         curve = [sum(series[i:i + stride]) / len(series[i:i + stride]) for i in range(0, len(series), stride)]
         first, last = sum(series[:k]) / k, sum(series[-k:]) / k
         lines.append(f"  {key:<22} {first:8.3f} -> {last:8.3f}  {sparkline(curve)}")
-    samples = _read_jsonl(os.path.join(run, "samples.jsonl"))
+    samples = read_jsonl(os.path.join(run, "samples.jsonl"))
     if samples:
         for label, row in (("first", samples[0]), ("last", samples[-1])):
             text = " ".join(str(row.get("completion", "")).split())[:160]

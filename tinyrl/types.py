@@ -43,8 +43,12 @@ class Scored:
     """Rewards for every completion: each component under its own name, and their sum."""
 
     components: dict[str, torch.Tensor]  # name -> [P*G] float
-    total: torch.Tensor  # [P*G] float, sum of components
     correct: torch.Tensor  # [P*G] bool, extracted answer matched the gold answer
+
+    @property
+    def total(self) -> torch.Tensor:
+        """[P*G] float: the sum of the components, each weight 1."""
+        return torch.stack(list(self.components.values())).sum(0)
 
 
 @dataclass(frozen=True)
