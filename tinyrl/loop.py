@@ -49,9 +49,11 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
     model, tokenizer, device = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
-    if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
-        total_bytes = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget.parse_bytes(cfg.vram) / total_bytes), device)
+    outside = 0
+    if device.type == "cuda":
+        outside = meter.cuda_outside_torch(device)
+        if planned:  # hold the run to the budget, so "fits in 8G" holds on any larger card
+            cap_cuda_memory(budget.parse_bytes(cfg.vram), outside, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
@@ -96,13 +98,16 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
                     lambda c: train_step(model, optimizer, batch, c, device), cfg, "micro_batch", log)
                 scheduler.step()
             timings["step"] = time.perf_counter() - started
+            if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + context
+                peaks["device"] = peaks["reserved"] + outside
             metrics = step_metrics(step + 1, rollouts, scored, cfg, loss=loss, kl=kl, grad_norm=grad_norm,
                                    lr=lr, timings=timings, peaks=peaks)
             metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
                             "oom/micro_batch": cfg.micro_batch})
             if planned:
                 metrics.update({"plan/generate": planned.breakdown.fixed + planned.breakdown.generation,
-                                "plan/train": planned.breakdown.fixed + planned.breakdown.training})
+                                "plan/train": planned.breakdown.fixed + planned.breakdown.training,
+                                "plan/device": planned.breakdown.peak})
             if memory_stats:
                 metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -167,6 +172,14 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
     encoder_bytes = budget.ENCODER_BYTES if cfg.method.startswith("memory") else 0
     return budget.plan(geometry, budget.parse_bytes(cfg.vram), lengths, caps, knobs, base=base,
                        encoder_bytes=encoder_bytes)
+
+
+def cap_cuda_memory(vram_bytes: int, outside: int, device) -> None:
+    """Cap torch's allocator so that it plus what lives outside it (the CUDA context, measured) stays within
+    vram_bytes: on a bigger card the run then fails or backs off exactly where the smaller card would."""
+    index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (vram_bytes - outside) / total)), index)
 
 
 def check_writable(run: str) -> None:

@@ -51,6 +51,15 @@ def phase(timings: dict, peaks: dict, name: str, device: torch.device):
         torch.cuda.synchronize(device)
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
     peaks[name] = max(peaks.get(name, 0), peak_bytes(device))
+    if device.type == "cuda":  # what the caching allocator held: allocated + its cached blocks
+        peaks["reserved"] = max(peaks.get("reserved", 0), int(torch.cuda.max_memory_reserved(device)))
+
+
+def cuda_outside_torch(device: torch.device) -> int:
+    """Device bytes in use that torch's allocator does not hold: the CUDA context, kernels, cuBLAS handles, and
+    any other process on the card. Measured as total - free - reserved."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - int(torch.cuda.memory_reserved(device)))
 
 
 # --- collapse indicators ------------------------------------------------------------------------

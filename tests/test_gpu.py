@@ -1,0 +1,66 @@
+"""Checks that need a CUDA device (skipped without one): a real out-of-memory back-off, and the fp16 encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+MiB = 2**20
+
+
+def test_real_cuda_oom_backs_off_and_finishes_the_step(tmp_path):
+    """Under a 256 MiB allocator cap, 512 sequences in flight and micro-batches of 512 run out of memory for
+    real; fit halves gen_batch and micro_batch, redoes the same work, and finishes every step."""
+    from tiny import make_tiny_model
+
+    from tinyrl import loop
+    from tinyrl.config import Config
+
+    model = make_tiny_model(str(tmp_path / "model"), hidden=512, layers=4)
+    cfg = Config(task="toy", model=model, out=str(tmp_path / "run"), steps=2, prompts_per_step=32, group_size=16,
+                 gen_batch=512, micro_batch=512, logprob_chunk=4, max_new_tokens=64, min_new_tokens=64,
+                 device="cuda", quant="none", save_every=1)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 256 * MiB) / total)
+    try:
+        loop.fit(cfg, quiet=True)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["oom/backoffs"] >= 2  # at least one halving in each phase
+    assert rows[0]["oom/gen_batch"] < 512 and rows[0]["oom/micro_batch"] < 512
+    assert all(r["len/mean"] >= 64 for r in rows)  # every completion was generated in full
+    assert max(r["mem/reserved"] for r in rows) <= 256 * MiB + torch.cuda.memory_reserved()
+    assert os.path.exists(os.path.join(cfg.out, "checkpoints"))
+
+
+def test_encoder_fp16_on_gpu_matches_fp32_on_cpu(tmp_path):
+    """The GPU path (fp16 weights, fp32 pooling) gives the same unit vectors as fp32 on CPU."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from tinyrl.encoder import Encoder
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789+=.<>/")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128)).save_pretrained(folder)
+    gpu, cpu = Encoder(str(folder), device="cuda"), Encoder(str(folder), device="cpu")
+    assert gpu.dtype == torch.float16 and cpu.dtype == torch.float32
+    texts = ["tom has 3 apples and buys 4 more.", "<reasoning>3 + 4 = 7</reasoning>", "x" * 3000]
+    a, b = gpu.encode(texts), cpu.encode(texts)
+    assert a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    assert np.all(np.sum(a * b, axis=1) > 0.999)
