@@ -1,8 +1,8 @@
 """Check the planner's activation terms against a measured CPU run (no GPU needed).
 
-Builds a small random Llama (hidden 256, 4 layers, vocab 49152) with peft LoRA on every projection and runs,
-the way tinyrl's loop does: HF `generate` for Bg sequences, the no-grad reference pass (adapter disabled), one
-micro-batch forward + backward with non-reentrant gradient checkpointing and completion-only log-probs
+Builds a small random Llama (hidden 256, 4 layers, vocab 49152) with peft LoRA on every projection and runs
+HF `generate` for Bg sequences, then tinyrl's own `policy.reference_logprobs` (the no-grad reference pass,
+adapter disabled) and `policy.completion_logprobs` for one micro-batch forward + backward with non-reentrant gradient checkpointing and completion-only log-probs
 computed `logprob_chunk` rows at a time (each chunk recomputed in backward), then one AdamW step. Each phase's
 peak resident memory above the memory before it (VmHWM after resetting it through /proc/self/clear_refs, with
 glibc told to mmap every allocation >= 64 KiB so freed tensors leave the resident set) is compared with
@@ -70,10 +70,9 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
     """Run one configuration in this process; return measured and estimated bytes per phase."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from torch.utils.checkpoint import checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyrl import budget
+    from tinyrl import budget, policy
 
     torch.manual_seed(0)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -88,7 +87,6 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
     lora = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in lora)
     opt = torch.optim.AdamW(lora, lr=5e-6, betas=(0.9, 0.99), weight_decay=0.1)
-    decoder, lm_head = model.base_model.model.model, model.base_model.model.lm_head
 
     # a left-padded micro-batch: prompt lengths 150..192, completions of TC tokens
     gen = torch.Generator().manual_seed(0)
@@ -102,25 +100,11 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
             ids[row, :pad], mask[row, :pad] = 0, 0
         return ids, mask
 
-    def completion_logprobs(ids, mask, tc: int, chunk: int):  # [B, Tc]
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, D]
-        h, y = hidden[:, -tc - 1:-1], ids[:, -tc:]  # [B, Tc, D], [B, Tc]
-
-        def rows(h_rows, y_rows):  # [k, Tc, D] -> [k, Tc]
-            logits = lm_head(h_rows).float()  # [k, Tc, V]
-            return torch.log_softmax(logits, -1).gather(-1, y_rows[..., None]).squeeze(-1)
-
-        out = []
-        for i in range(0, h.shape[0], chunk):
-            if torch.is_grad_enabled():
-                out.append(checkpoint(rows, h[i:i + chunk], y[i:i + chunk], use_reentrant=False))
-            else:
-                out.append(rows(h[i:i + chunk], y[i:i + chunk]))
-        return torch.cat(out)
+    def completion_logprobs(ids, mask, tc: int, chunk: int):  # [B, Tc]: tinyrl's own code path
+        return policy.completion_logprobs(model, ids, mask, tc, chunk)
 
     def reference(ids, mask, tc: int, chunk: int):
-        with torch.no_grad(), model.disable_adapter():
-            return completion_logprobs(ids, mask, tc, chunk)
+        return policy.reference_logprobs(model, ids, mask, tc, chunk)
 
     def forward_backward(ids, mask, ref, tc: int, chunk: int):
         logp = completion_logprobs(ids, mask, tc, chunk)  # [B, Tc]

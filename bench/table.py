@@ -68,6 +68,47 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append(("planner: training/generation estimate vs measured (CPU, fp32, random Llama)",
                     f"within {100 * max(errors):.0f} %", budget["hardware"]["cpu"] if isinstance(
                         budget["hardware"], dict) and "cpu" in budget["hardware"] else "CPU", "bench/budget_cpu.py"))
+    out += gpu_rows()
+    return out
+
+
+def gpu_rows() -> list[tuple[str, str, str, str]]:
+    out = []
+    sweep = load("budget_gpu.json")
+    if sweep:
+        hw = f"{sweep['hardware']['gpu']} (torch {sweep['hardware']['torch'].split('+')[0]}, CUDA {sweep['hardware']['cuda']})"
+        rows = {(r["model"], r["vram"]): r for r in sweep["rows"] if "mem/device" in r["measured"]}
+        names = {"qwen": "Qwen2.5-0.5B", "llama": "Llama-3.2-1B", "falcon": "Falcon3-1B"}
+        for vram in ("8G", "4G"):
+            got = [r for (m, v), r in rows.items() if v == vram and not r["measured"].get("same_settings_as")]
+            if not got:
+                continue
+            cells = [f"{names[r['model']]} {r['plan']['knobs']['quant'].replace('none', '16-bit')}: "
+                     f"{'fits' if r['fits'] else 'DOES NOT FIT'}, needs {r['needed_bytes'] / 2**30:.2f} GiB, "
+                     f"{r['measured']['time/step']:.0f} s/step (P={r['measured']['prompts_per_step']})" for r in got]
+            out.append((f"`fit --vram {vram}` under a hard {vram[:-1]} GiB cap, random-init geometries, G=16, "
+                        "256+200 tokens", "; ".join(cells), hw, "bench/budget.py"))
+        measured = list(rows.values())
+        for key, label in (("error_generate", "generation"), ("error_train", "training")):
+            ran = [r[key] for r in measured]
+            now = [r["rescored"][key] for r in measured if "rescored" in r]
+            cell = f"{100 * min(ran):+.0f} … {100 * max(ran):+.0f} % as run"
+            if now:
+                cell += f"; {100 * min(now):+.0f} … {100 * max(now):+.0f} % after calibrating on these rows"
+            out.append((f"planner vs measured peak allocated, {label} phase ({len(measured)} GPU rows)", cell, hw,
+                        "bench/budget.py"))
+    vs = load("vs_trl_gpu.json")
+    if vs and "tinyrl" in vs["summary"] and "trl" in vs["summary"]:
+        hw = f"{vs['hardware']['gpu']}, TRL {vs['hardware']['trl']}"
+        t, r, c = vs["summary"]["tinyrl"], vs["summary"]["trl"], vs["config"]
+        out.append((f"s/step vs TRL GRPOTrainer on a GPU (Qwen2.5-0.5B geometry, bf16, P={c['prompts_per_step']} "
+                    f"G={c['group_size']}, {c['max_new_tokens']} tokens)",
+                    f"{t['s_per_step']['median']:.1f} vs {r['s_per_step']['median']:.1f} "
+                    f"(×{t['s_per_step']['median'] / r['s_per_step']['median']:.2f}); generation "
+                    f"{t['generate_s']['median']:.1f} vs {r['generate_s']['median']:.1f}", hw, "bench/vs_trl.py"))
+        out.append(("CUDA peak allocated vs TRL, same runs", f"{t['cuda_allocated_gib']['median']:.2f} vs "
+                    f"{r['cuda_allocated_gib']['median']:.2f} GiB (×{t['cuda_allocated_gib']['median'] / r['cuda_allocated_gib']['median']:.2f})",
+                    hw, "bench/vs_trl.py --device cuda"))
     return out
 
 

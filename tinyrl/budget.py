@@ -18,10 +18,11 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
   - training: the no-grad reference pass (adapter disabled) of a micro-batch, then its forward/backward;
     gradient checkpointing is non-reentrant at each decoder layer; log-probs only at completion positions,
     `logprob_chunk` rows at a time, each chunk's logits recomputed in backward (torch.utils.checkpoint around
-    lm_head + log_softmax + gather), so only one chunk's [chunk, Tc, V] tensors are ever alive.
+    lm_head + gather - logsumexp), so only one chunk's [chunk, Tc, V] tensors are ever alive.
 
-The framework overhead (CUDA context, workspaces, allocator fragmentation) is a documented constant, not yet
-calibrated on a GPU: bench/budget.py is to measure it. bench/budget_cpu.py checks the activation terms on CPU.
+The framework overhead (CUDA context, workspaces, allocator fragmentation) is a documented constant; the CUDA
+context and the log-prob term were calibrated by bench/budget.py on an H200, and bench/budget_cpu.py checks the
+activation terms on CPU (docs/memory.md has both tables).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tinyrl.errors import UserError
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # ---------------------------------------------------------------------------------------------------------
-# Constants. Every one is a documented assumption; the overhead ones await calibration on a GPU.
+# Constants. Every one is a documented assumption, checked by bench/budget.py (GPU) and bench/budget_cpu.py (CPU).
 
 PAPER = {"group_size": 16, "prompts_per_step": 16, "max_prompt_tokens": 256, "max_new_tokens": 200}  # §6, GSM8K
 DEFAULT_LORA_RANK = 16  # the rank the planner starts from; RL updates need little rank, so it may go lower
@@ -56,16 +57,22 @@ NF4_BLOCK2 = 256  # ... and with double quantisation those absmax are uint8, wit
 NF4_STATE_BYTES = 16 * 4 + 256 * 4 + 4  # per layer: NF4 code table, nested 8-bit code table, offset
 
 SAMPLING_FP32_COPIES = 6  # per decode step: fp32 logits copy, temperature, top-k fill + mask, probs, multinomial
-LOGPROB_GRAD_BYTES = 12  # per log-prob element in backward: saved log_softmax out + its grad + the logits' grad
+# per log-prob element in backward (policy._token_logprobs: gather - logsumexp): the fp32 logits, logsumexp's
+# softmax temporary, and the two logits grads (from gather and from logsumexp) before they are summed. Measured:
+# 4 B/element above 12 on an H200 (bf16, bench/budget.py) and on CPU (fp32 and bf16, bench/budget_cpu.py).
+LOGPROB_GRAD_BYTES = 16
 LOGPROB_NOGRAD_BYTES = 8  # per element without grad: fp32 logits + log_softmax out
 LOSS_TENSORS = 16  # the loss' working set: about this many [B, Tc] fp32 tensors
 
-# Framework overhead: TO BE CALIBRATED by bench/budget.py on a GPU (not measured yet).
-CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + kernels loaded lazily; outside torch's allocator
+# Framework overhead. The CUDA context was measured by bench/budget.py on an H200 (torch 2.11, CUDA 13.0): 619 MiB
+# right after the model loads, 790-873 MiB once the kernels of a step have loaded; other cards and CUDA versions
+# differ by a few hundred MiB, so this is a ceiling. `fit --vram` caps torch's allocator at V less
+# max(this, the context it measures).
+CUDA_CONTEXT_BYTES = 900 * MiB  # CUDA context + kernels loaded lazily; outside torch's allocator
 CUDA_WORKSPACE_BYTES = 64 * MiB  # cuBLAS/cuBLASLt workspaces, SDPA and bitsandbytes scratch
 CPU_RUNTIME_BYTES = 400 * MiB  # CPU runs: resident size of python + torch before any tensor
 FRAGMENTATION = 0.10  # allocator slack on top of the larger phase (growing KV cache, varying shapes)
-MARGIN = 0.05  # share of the card the planner leaves unplanned while the overhead above is uncalibrated
+MARGIN = 0.05  # share of the card the planner leaves unplanned (drivers, other processes, estimation error)
 ENCODER_BYTES = 128 * MiB  # all-MiniLM-L6-v2 on the device: 22.7 M fp32 params (91 MB) + batch activations
 
 QUANTS = ("4bit", "none")
@@ -596,7 +603,7 @@ def estimate(
     # overhead ------------------------------------------------------------------------------------------
     phase = max(generation, training)
     if caps.cuda:
-        overhead = add("overhead", "CUDA context", CUDA_CONTEXT_BYTES, "constant, to be calibrated")
+        overhead = add("overhead", "CUDA context", CUDA_CONTEXT_BYTES, "constant, measured on an H200 (ceiling)")
         overhead += add("overhead", "CUDA workspaces", CUDA_WORKSPACE_BYTES, "cuBLAS/SDPA/bnb scratch, constant")
     else:
         overhead = add("overhead", "python + torch runtime", CPU_RUNTIME_BYTES, "resident size before any tensor")

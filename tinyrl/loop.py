@@ -49,11 +49,9 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
     model, tokenizer, device = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
-    outside = 0
-    if device.type == "cuda":
-        outside = meter.cuda_outside_torch(device)
-        if planned:  # hold the run to the budget, so "fits in 8G" holds on any larger card
-            cap_cuda_memory(budget.parse_bytes(cfg.vram), outside, device)
+    if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
+        context = max(meter.cuda_outside_torch(device), budget.CUDA_CONTEXT_BYTES)  # it grows as kernels load
+        cap_cuda_memory(budget.parse_bytes(cfg.vram), context, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
@@ -98,8 +96,8 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
                     lambda c: train_step(model, optimizer, batch, c, device), cfg, "micro_batch", log)
                 scheduler.step()
             timings["step"] = time.perf_counter() - started
-            if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + context
-                peaks["device"] = peaks["reserved"] + outside
+            if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
+                peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
             metrics = step_metrics(step + 1, rollouts, scored, cfg, loss=loss, kl=kl, grad_norm=grad_norm,
                                    lr=lr, timings=timings, peaks=peaks)
             metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
@@ -175,8 +173,9 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
 
 
 def cap_cuda_memory(vram_bytes: int, outside: int, device) -> None:
-    """Cap torch's allocator so that it plus what lives outside it (the CUDA context, measured) stays within
-    vram_bytes: on a bigger card the run then fails or backs off exactly where the smaller card would."""
+    """Cap torch's allocator so that it plus what lives outside it (the CUDA context) stays within vram_bytes:
+    on a bigger card the run then backs off or fails where the smaller card would. Near the cap the allocator
+    returns cached blocks to the driver before it fails, which costs speed, not correctness."""
     index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (vram_bytes - outside) / total)), index)

@@ -56,8 +56,8 @@ def phase(timings: dict, peaks: dict, name: str, device: torch.device):
 
 
 def cuda_outside_torch(device: torch.device) -> int:
-    """Device bytes in use that torch's allocator does not hold: the CUDA context, kernels, cuBLAS handles, and
-    any other process on the card. Measured as total - free - reserved."""
+    """Device bytes in use that torch's allocator does not hold: the CUDA context and the kernels loaded so far
+    (it grows during the first step), and any other process on the card. Measured as total - free - reserved."""
     free, total = torch.cuda.mem_get_info(device)
     return max(0, total - free - int(torch.cuda.memory_reserved(device)))
 
