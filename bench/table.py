@@ -32,17 +32,9 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append(("Memory-R+ share of a step (encode + search + rewards + write; SmolLM2, GSM8K, P=2 G=4)",
                         f"{100 * m['median_share']:.1f} % ({m['median_memory_s']:.2f} s of {m['median_step_s']:.1f} s)",
                         hw, "bench/fit_cpu.py"))
-    vs = load("vs_trl.json")
-    if vs:
-        hw = f"{vs['hardware']['cpu']}, {vs['hardware']['cores']} cores, TRL {vs['hardware']['trl']}"
-        t, r = vs["summary"]["tinyrl"], vs["summary"]["trl"]
-        out.append(("s/step vs TRL GRPOTrainer, side by side (SmolLM2-135M, P=2 G=4, 64 tokens, LoRA r16)",
-                    f"{t['s_per_step']['median']:.1f} vs {r['s_per_step']['median']:.1f} "
-                    f"(×{t['s_per_step']['median'] / r['s_per_step']['median']:.2f}); generation "
-                    f"{t['generate_s']['median']:.1f} vs {r['generate_s']['median']:.1f}", hw, "bench/vs_trl.py"))
-        out.append(("peak RSS vs TRL, same runs", f"{t['peak_rss_gib']['median']:.2f} vs "
-                    f"{r['peak_rss_gib']['median']:.2f} GiB (×{t['peak_rss_gib']['median'] / r['peak_rss_gib']['median']:.2f})",
-                    hw, "bench/vs_trl.py"))
+    out += vs_trl_rows("vs_trl.json", "SmolLM2-135M, fp32", "peak RSS", "peak_rss_gib", "bench/vs_trl.py")
+    out += vs_trl_rows("vs_trl_cpu_bf16.json", "SmolLM2-135M, both in bf16", "peak RSS", "peak_rss_gib",
+                       "bench/vs_trl.py --dtype bf16")
     mem = load("memory.json")
     if mem:
         hw = f"{mem['hardware']['cpu']}, {mem['hardware']['cores']} cores"
@@ -97,19 +89,29 @@ def gpu_rows() -> list[tuple[str, str, str, str]]:
                 cell += f"; {100 * min(now):+.0f} … {100 * max(now):+.0f} % after calibrating on these rows"
             out.append((f"planner vs measured peak allocated, {label} phase ({len(measured)} GPU rows)", cell, hw,
                         "bench/budget.py"))
-    vs = load("vs_trl_gpu.json")
-    if vs and "tinyrl" in vs["summary"] and "trl" in vs["summary"]:
-        hw = f"{vs['hardware']['gpu']}, TRL {vs['hardware']['trl']}"
-        t, r, c = vs["summary"]["tinyrl"], vs["summary"]["trl"], vs["config"]
-        out.append((f"s/step vs TRL GRPOTrainer on a GPU (Qwen2.5-0.5B geometry, bf16, P={c['prompts_per_step']} "
-                    f"G={c['group_size']}, {c['max_new_tokens']} tokens)",
-                    f"{t['s_per_step']['median']:.1f} vs {r['s_per_step']['median']:.1f} "
-                    f"(×{t['s_per_step']['median'] / r['s_per_step']['median']:.2f}); generation "
-                    f"{t['generate_s']['median']:.1f} vs {r['generate_s']['median']:.1f}", hw, "bench/vs_trl.py"))
-        out.append(("CUDA peak allocated vs TRL, same runs", f"{t['cuda_allocated_gib']['median']:.2f} vs "
-                    f"{r['cuda_allocated_gib']['median']:.2f} GiB (×{t['cuda_allocated_gib']['median'] / r['cuda_allocated_gib']['median']:.2f})",
-                    hw, "bench/vs_trl.py --device cuda"))
+    out += vs_trl_rows("vs_trl_gpu.json", "Qwen2.5-0.5B geometry, bf16", "CUDA peak allocated",
+                       "cuda_allocated_gib", "bench/vs_trl.py --device cuda")
     return out
+
+
+def vs_trl_rows(name: str, what: str, mem_label: str, mem_key: str, script: str) -> list[tuple[str, str, str, str]]:
+    """Two rows from a bench/vs_trl.py result: s/step and peak memory, tinyrl vs TRL, with their ratios."""
+    vs = load(name)
+    if not vs or not {"tinyrl", "trl"} <= vs["summary"].keys():
+        return []
+    hw = vs["hardware"].get("gpu") or f"{vs['hardware']['cpu']}, 2 cores"
+    hw += f", TRL {vs['hardware']['trl']}"
+    t, r, c = vs["summary"]["tinyrl"], vs["summary"]["trl"], vs["config"]
+
+    def versus(key: str, unit: str = "") -> str:
+        return (f"{t[key]['median']:.2f}{unit} vs {r[key]['median']:.2f}{unit} "
+                f"(×{t[key]['median'] / r[key]['median']:.2f})")
+
+    geometry = f"{what}, P={c['prompts_per_step']} G={c['group_size']}, {c['max_new_tokens']} tokens, LoRA r16"
+    return [(f"s/step vs TRL GRPOTrainer, side by side ({geometry})",
+             f"{versus('s_per_step')}; generation {t['generate_s']['median']:.1f} vs {r['generate_s']['median']:.1f}",
+             hw, script),
+            (f"{mem_label} vs TRL, same runs", versus(mem_key, " GiB"), hw, script)]
 
 
 def table() -> str:

@@ -5,6 +5,7 @@ alternately in one invocation. Writes bench/results/vs_trl.json (--device cuda: 
     python bench/vs_trl.py --smoke      # 1 round x 2 steps: checks both paths work
     python bench/vs_trl.py --model PATH --rounds 3 --steps 5
     python bench/vs_trl.py --device cuda --model PATH --prompts 8 --group 16 --new-tokens 200 --steps 3 --rounds 1
+    python bench/vs_trl.py --dtype bf16  # both tools with bf16 base weights on CPU (fast on avx512_bf16/AMX CPUs)
 
 Needs TRL (the `bench` extra: `pip install --no-deps trl` next to an existing torch) and GSM8K train at
 ../shared/data/gsm8k/train.jsonl (or --data). The peer follows ../shared/docs/measured.md: TRL + peft LoRA r=16
@@ -62,6 +63,7 @@ DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 
 # The shared geometry (both tools get these); --prompts, --group and --new-tokens rebind P, G and NEW_TOKENS.
 P, G, NEW_TOKENS, THREADS, SEED = 2, 4, 64, 2, 0
+DTYPE = "fp32"  # --dtype rebinds it: both tools load the base in it (default fp32 on CPU, bf16 on cuda)
 GPU_MICRO_BATCH = 8  # rows per forward/backward on cuda (CPU: the whole step, P*G rows)
 # TRL 1.16 never truncates prompts, so tinyrl's cap sits above any GSM8K prompt (950 tokens with a character-level
 # tokenizer such as bench/randmodel.py's; well under 256 with BPE ones): both tools see whole prompts.
@@ -75,7 +77,7 @@ def shared_settings(device: str) -> dict:
     out = {"prompts_per_step": P, "group_size": G, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS,
            "temperature": 0.9, "top_p": 1.0, "top_k": 0, "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0,
            "lora_targets": "q,k,v,o,gate,up,down", "grad_checkpointing": True,
-           "dtype": "fp32" if device == "cpu" else "bf16", "kl_beta": 0.04, "loss_type": "grpo", "lr": 5e-6,
+           "dtype": DTYPE, "kl_beta": 0.04, "loss_type": "grpo", "lr": 5e-6,
            "adam_betas": [0.9, 0.99], "weight_decay": 0.1, "max_grad_norm": 0.1,
            "lr_schedule": "10% linear warm-up, cosine", "rewards": "tinyrl r1 task rewards (xml_count, "
            "soft_format, strict_format, integer, correctness; exact match)", "threads": THREADS, "seed": SEED,
@@ -199,7 +201,7 @@ def child_tinyrl(model: str, data: str, steps: int, device: str) -> dict:
                  max_prompt_tokens=MAX_PROMPT_TOKENS, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                  temperature=0.9, top_p=1.0, lr=5e-6, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99,
                  warmup_ratio=0.1, max_grad_norm=0.1, kl_beta=0.04, quant="none",
-                 dtype="fp32" if device == "cpu" else "bf16", lora_rank=16, lora_alpha=32, grad_checkpointing=True,
+                 dtype=DTYPE, lora_rank=16, lora_alpha=32, grad_checkpointing=True,
                  device=device, threads=THREADS, save_every=10**6, sample_every=10**6)
     started = time.perf_counter()
     run = loop.fit(cfg)  # prints a line per step (the parent shows them with --verbose)
@@ -274,9 +276,9 @@ def child_trl(model: str, data: str, steps: int, device: str, flush_denormal: bo
         max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=0.9,
         top_p=1.0, top_k=0, beta=0.04, loss_type="grpo", learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.99,
         weight_decay=0.1, max_grad_norm=0.1, lr_scheduler_type="cosine", warmup_steps=0.1,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device == "cuda",
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=DTYPE == "bf16",
         fp16=False, use_cpu=device == "cpu", shuffle_dataset=False,
-        model_init_kwargs={"dtype": torch.float32 if device == "cpu" else torch.bfloat16}, logging_steps=1,
+        model_init_kwargs={"dtype": torch.float32 if DTYPE == "fp32" else torch.bfloat16}, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs(), args=args, train_dataset=dataset,
@@ -432,7 +434,7 @@ def report(head: dict, runs: list[dict], started: float, device: str, trl_flush_
                             "per_round": [round(t[key] / p[key], 3) for t, p in paired]}
     results["summary"] = summary
     results["ratios_tinyrl_over_trl"] = ratios
-    if device == "cpu":
+    if DTYPE == "fp32":
         numerics = ("tinyrl sets torch.set_flush_denormal(True) on CPU; TRL runs with PyTorch's default"
                     + (" (this run: TRL also flushes, --trl-flush-denormal)" if trl_flush_denormal else ""))
         head_note = ("TRL's LM head scores every position of prompt+completion and computes entropy; tinyrl "
@@ -467,7 +469,7 @@ def report(head: dict, runs: list[dict], started: float, device: str, trl_flush_
 
 
 def main() -> int:
-    global P, G, NEW_TOKENS
+    global P, G, NEW_TOKENS, DTYPE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: the offline smollm2-135m copy)")
     ap.add_argument("--data", default=DEFAULT_DATA, help="GSM8K folder with train.jsonl (default ../shared/data/gsm8k)")
@@ -477,6 +479,8 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=G, help="G: completions per prompt (default %(default)s)")
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                     help="new tokens per completion, forced: min = max (default %(default)s)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                    help="base weights of both tools (default fp32 on cpu, bf16 on cuda; LoRA stays fp32)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating tinyrl/TRL pairs")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (step 1 is warm-up)")
     ap.add_argument("--smoke", action="store_true", help="1 round of 2 steps: both paths work")
@@ -491,6 +495,7 @@ def main() -> int:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
     P, G, NEW_TOKENS = a.prompts, a.group, a.new_tokens
+    DTYPE = a.dtype or ("fp32" if a.device == "cpu" else "bf16")
 
     if a.child:
         if a.child == "tinyrl":
@@ -505,7 +510,9 @@ def main() -> int:
         if a.out is None:  # a smoke run never overwrites the real result
             a.out = os.path.join(tempfile.gettempdir(), "vs_trl_smoke.json" if a.device == "cpu" else
                                  "vs_trl_gpu_smoke.json")
-    out_path = os.path.abspath(a.out or OUT[a.device])
+    default_out = OUT[a.device] if DTYPE == ("fp32" if a.device == "cpu" else "bf16") else \
+        os.path.join(HERE, "results", f"vs_trl_{a.device}_{DTYPE}.json")
+    out_path = os.path.abspath(a.out or default_out)
     if a.steps < 2:
         raise SystemExit("--steps must be at least 2 (step 1 is warm-up and not counted)")
     if P < 1 or G < 2 or NEW_TOKENS < 1:
@@ -533,7 +540,7 @@ def main() -> int:
     if load[0] > 1.5:
         print(f"warning: load average {load[0]:.2f} > 1.5 at start; timings will be noisy", flush=True)
     command = "python bench/vs_trl.py" + (" --smoke" if a.smoke else f" --rounds {a.rounds} --steps {a.steps}")
-    for name in ("device", "prompts", "group", "new_tokens", "time_limit"):
+    for name in ("device", "dtype", "prompts", "group", "new_tokens", "time_limit"):
         if getattr(a, name) != ap.get_default(name):
             command += f" --{name.replace('_', '-')} {getattr(a, name)}"
     head = {
@@ -549,7 +556,8 @@ def main() -> int:
     if a.time_limit is not None:
         head["time_limit_s"] = a.time_limit
         head["skipped"] = []  # runs not started because the time limit had passed
-    extra = ["--device", a.device, "--prompts", str(P), "--group", str(G), "--new-tokens", str(NEW_TOKENS)]
+    extra = ["--device", a.device, "--dtype", DTYPE, "--prompts", str(P), "--group", str(G), "--new-tokens",
+             str(NEW_TOKENS)]
     extra += ["--trl-flush-denormal"] if a.trl_flush_denormal else []
     runs: list[dict] = []
     started = time.perf_counter()
