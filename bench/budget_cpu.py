@@ -34,7 +34,7 @@ RESULTS = ROOT / "bench" / "results" / "budget_cpu.json"
 # Shapes of the check (small enough for 2 cores, large enough that each phase moves ~100 MB).
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
              intermediate_size=1024, vocab_size=49152, tie_word_embeddings=True, model_type="llama")
-RANK, TP, TC, MICRO, GEN_BATCH, GEN_TOKENS = 16, 192, 128, 8, 8, 64
+RANK, TP, TC, MICRO, GEN_BATCH, GEN_TOKENS, GROUP = 16, 192, 128, 8, 8, 64, 4
 CASES = [  # (dtype, grad_checkpointing, logprob_chunk, also generate): chunk 1 leaves the recomputed layer as
     # the training peak, chunk 4 makes the log-prob buffer the peak, so both terms are checked
     ("fp32", True, 1, True), ("fp32", True, 4, False), ("fp32", False, 1, False),
@@ -139,21 +139,28 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
     forward_backward(ids, mask, ref, TC, chunk)
     step_peak, _ = measure_once(step)
 
-    if generate:
-        prompts, pmask = batch(GEN_BATCH, TP, 0)
+    if generate:  # tinyrl's policy.generate: GEN_BATCH rows = GEN_BATCH/GROUP prompts x GROUP completions
+        from randmodel import char_tokenizer
+
+        from tinyrl.types import Example, PromptBatch
+
+        prompts, pmask = batch(GEN_BATCH // GROUP, TP, 0)
+        rendered = PromptBatch(examples=tuple(Example("q", "1", i) for i in range(len(prompts))),
+                               texts=("",) * len(prompts), input_ids=prompts, attention_mask=pmask)
+        tokenizer = char_tokenizer(MODEL["vocab_size"])
         model.eval()
         t0 = time.perf_counter()
-        gen_peak, out = measure(lambda: model.generate(
-            input_ids=prompts, attention_mask=pmask, max_new_tokens=GEN_TOKENS, min_new_tokens=GEN_TOKENS,
-            do_sample=True, temperature=0.9, top_p=1.0))
-        assert out.shape[1] == TP + GEN_TOKENS
+        gen_peak, out = measure(lambda: policy.generate(
+            model, tokenizer, rendered, group_size=GROUP, max_new_tokens=GEN_TOKENS, gen_batch=GEN_BATCH,
+            min_new_tokens=GEN_TOKENS))
+        assert out.completion_ids.shape == (GEN_BATCH, GEN_TOKENS)
         gen_s = (time.perf_counter() - t0) / 2
 
     geometry = budget.geometry_from_config(MODEL, "random-llama")
     caps = budget.DEVICES["cpu"]
 
     def estimate(tc: int, gen_batch: int):
-        s = budget.Settings(group_size=4, prompts_per_step=2, gen_batch=gen_batch, micro_batch=MICRO,
+        s = budget.Settings(group_size=GROUP, prompts_per_step=GEN_BATCH // GROUP, gen_batch=gen_batch, micro_batch=MICRO,
                             logprob_chunk=chunk, lora_rank=RANK, quant="none", dtype=dtype_name,
                             grad_checkpointing=ckpt, max_prompt_tokens=TP, max_new_tokens=tc)
         return budget.estimate(geometry, s, TP, caps, encoder_bytes=0)

@@ -78,6 +78,41 @@ def test_generate_masks_after_eos(tiny_model):
         assert cut or row[n - 1] == tok.eos_token_id
 
 
+@pytest.mark.parametrize("gen_batch", [6, 4, 3, 1])  # all rows; straddling two prompts; within one; one row
+def test_shared_prefill_gives_the_same_completions(tiny_model, gen_batch):
+    """Prefilling each prompt once for its G completions changes nothing: greedy and seeded sampled completions
+    equal those of prefilling every row, prompts of different lengths (left padding) included."""
+    model, tok = load(tiny_model)
+    ex = (Example("q1", "1", 0), Example("q2", "2", 1))
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch(ex, ("", ""), ids, mask)
+    for greedy in (True, False):
+        outs = []
+        for share in (True, False):
+            torch.manual_seed(0)
+            outs.append(policy.generate(model, tok, prompts, group_size=3, max_new_tokens=12, gen_batch=gen_batch,
+                                        greedy=greedy, share_prefill=share).completion_ids)
+        assert torch.equal(*outs)
+    assert len(set(map(tuple, outs[0].tolist()))) > 1  # sampled rows differ: the rows were not all copies
+
+
+def test_shared_prefill_runs_each_prompt_once(tiny_model):
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    seen = []
+    decoder = policy.causal_lm(model).get_decoder()
+    hook = decoder.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        cache = policy.shared_prefill(model, ids, mask, torch.tensor([0, 0, 0, 1, 1]))
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([2, ids.shape[1] - 1])]  # two distinct prompts, all but the last token
+    keys = cache.layers[0].keys  # [5, heads, Tp-1, hd]: rows 0-2 share prompt 0, rows 3-4 prompt 1
+    assert keys.shape[0] == 5 and torch.equal(keys[0], keys[2]) and torch.equal(keys[3], keys[4])
+    assert not torch.equal(keys[0], keys[3])
+
+
 def grads_after(model, ids, mask):
     model.zero_grad()
     policy.completion_logprobs(model, ids, mask, 4, 2).sum().backward()

@@ -14,7 +14,8 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
     model in the compute dtype; embeddings, lm_head and norms always in the compute dtype;
   - LoRA on q, k, v, o, gate, up, down of every layer; LoRA weights, grads and both AdamW moments in fp32;
     grads freed between steps (`zero_grad(set_to_none=True)`);
-  - generation: HF `generate` with a DynamicCache, Bg sequences at a time, prefill of all Bg prompts at once;
+  - generation: HF `generate` with a DynamicCache, Bg sequences at a time; the distinct prompts of those Bg are
+    prefilled once and their cache rows repeated for each completion (policy.shared_prefill);
   - training: the no-grad reference pass (adapter disabled) of a micro-batch, then its forward/backward;
     gradient checkpointing is non-reentrant at each decoder layer; log-probs only at completion positions,
     `logprob_chunk` rows at a time, each chunk's logits recomputed in backward (torch.utils.checkpoint around
@@ -491,6 +492,18 @@ def layer_backward_bytes_per_token(g: ModelGeometry, c: int) -> int:
     return g.intermediate * (2 * c + lora) + g.hidden * (2 * c + 2 * lora)
 
 
+def prefill_rows(gen_batch: int, group_size: int) -> int:
+    """The most distinct prompts among gen_batch consecutive rows of the P*G (prompt-major) rows: each is
+    prefilled once (policy.shared_prefill). One more when a batch can straddle a prompt boundary.
+
+    >>> prefill_rows(256, 16), prefill_rows(8, 16), prefill_rows(24, 16), prefill_rows(1, 16)
+    (16, 1, 3, 1)
+    """
+    k = -(-gen_batch // group_size)
+    straddles = gen_batch % group_size and group_size % gen_batch
+    return min(gen_batch, k + (1 if straddles else 0))
+
+
 def layer_nograd_bytes_per_token(g: ModelGeometry, c: int, seq: int, fused_attention: bool = True) -> int:
     """Peak live bytes of one layer's forward without grad (prefill, reference pass), per token: silu(gate) and
     up in c plus two fp32 [I] LoRA temporaries (lora_B out, scaled sum), the residual stream and fp32 norm
@@ -552,22 +565,25 @@ def estimate(
         biggest = max(a * b for _, a, b in g.linears())
         dequant = biggest * c  # bitsandbytes dequantises one weight for batched matmuls and in backward
 
-    # generation: prefill all Bg prompts, then decode Tc steps -----------------------------------------
+    # generation: prefill the distinct prompts of Bg sequences once, repeat their cache rows, decode Tc steps --
     bg = s.gen_batch
+    kp = prefill_rows(bg, s.group_size)
     kv_per_token = 2 * L * g.kv_dim * c
     kv = add("generation", "KV cache", kv_per_token * t * bg,
              f"2·L·KV·hd·T·Bg·c = 2·{L}·{g.kv_heads}·{g.head_dim}·{t}·{bg}·{c}")
     growth = add("generation", "KV growth (torch.cat of one layer)", g.kv_dim * t * bg * c,
                  f"KV·hd·T·Bg·c = {g.kv_dim}·{t}·{bg}·{c}")
     per_tok = layer_nograd_bytes_per_token(g, c, tp, caps.fused_attention)
-    prefill = add("generation", "prefill (one layer, no grad)", bg * tp * per_tok,
-                  f"Bg·Tp·(I·(2c+8) + D·(c+8) + Tp·c) = {bg}·{tp}·{per_tok}")
+    prefill = add("generation", "prefill (one layer, no grad)", kp * tp * per_tok,
+                  f"k·Tp·(I·(2c+8) + D·(c+8) + Tp·c) = {kp}·{tp}·{per_tok}, k = distinct prompts of Bg rows")
+    prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (kp + bg),
+                    f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({kp}+{bg})")
     sampling = add("generation", "sampling logits", bg * V * (c + 4 * SAMPLING_FP32_COPIES),
                    f"Bg·V·(c + 4·{SAMPLING_FP32_COPIES}) = {bg}·{V}·{c + 4 * SAMPLING_FP32_COPIES}")
     if dequant:
         add("generation", "dequantised weight (NF4 -> c)", dequant, "max(in·out)·c")
-    generation = max(kv * tp // t + prefill, kv + growth + sampling) + dequant
-    generation_rule = "max(KV·Tp/T + prefill, KV + growth + sampling)" + (" + dequantised" if dequant else "")
+    generation = max(prompt_kv + prefill, kv + growth + sampling) + dequant
+    generation_rule = "max(prompt KV + prefill, KV + growth + sampling)" + (" + dequantised" if dequant else "")
 
     # training: reference pass, then forward/backward of one micro-batch, then the optimiser step -------
     b, k = s.micro_batch, s.logprob_chunk
@@ -669,7 +685,7 @@ def plan(
     overrides the paper's starting values (PAPER) for other tasks, e.g. AI-MO's 512/300 tokens and 64 prompts.
     Order (the "what to try on OOM" list in docs/memory.md follows it):
       1. group_size, prompts_per_step, lengths: the paper's values (G never below 4; memory does not depend on
-         G or P, generation and training loop over their product);
+         P, generation and training loop over P*G; a larger G only shares one prefill among more rows);
       2. dtype: bf16 where supported, else fp16 on a GPU, fp32 on a CPU;
       3. for each level of LEVELS (16-bit without, then with checkpointing; 4-bit without, then with), for
          rank 16, 8, 4: accept the first where the micro-batch target (~4k tokens) and at least G sequences in
@@ -878,7 +894,7 @@ def _reasons(g, s, bd, tp, lengths, caps, pins, start, stage, budget, encoder_by
 
     t = tp + s.max_new_tokens
     out = [
-        why("group_size", f"paper value (G={PAPER['group_size']}); peak memory does not depend on it"),
+        why("group_size", f"paper value (G={PAPER['group_size']}); its completions share one prompt prefill"),
         why("prompts_per_step", "paper value; generation and training loop over P·G, so memory does not depend on it"),
         why("max_prompt_tokens", f"paper value; sampled prompts need up to {max(lengths) if lengths else '?'} tokens, "
                                  f"so Tp={tp}"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -168,24 +169,58 @@ def completion_mask(ids: torch.Tensor, eos: list[int]) -> torch.Tensor:
     return (~after).float()  # [N, Tc]
 
 
+def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, owners: torch.Tensor):
+    """The KV cache of len(owners) sequences whose prompts are rows `owners` of input_ids, each distinct prompt
+    prefilled once (all but its last token, which `generate` feeds itself) and its cache rows repeated.
+
+    The G completions of a prompt share it, so the prefill costs P rows of compute and working memory, not P*G.
+    Runs the decoder only: no logits for prompt positions. Positions follow `generate`'s (cumsum of the mask).
+    """
+    unique, inverse = torch.unique(owners, return_inverse=True)  # [k], [b]
+    ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]  # [k, Tp-1]
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # [k, Tp-1]
+    decoder = causal_lm(model).get_decoder()
+    cache = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)[cache_keyword(model)]
+    cache.batch_select_indices(inverse.to(ids.device))  # k rows -> b rows
+    return cache
+
+
+def cache_keyword(model) -> str:
+    """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(causal_lm(model).get_decoder().forward).parameters \
+        else "past_key_values"
+
+
+def causal_lm(model):
+    """The transformers causal LM inside a peft model (its LoRA layers are injected in place), or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new_tokens: int, gen_batch: int,
-             temperature: float = 0.9, top_p: float = 1.0, min_new_tokens: int = 0, greedy: bool = False) -> Rollouts:
-    """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache."""
+             temperature: float = 0.9, top_p: float = 1.0, min_new_tokens: int = 0, greedy: bool = False,
+             share_prefill: bool = True) -> Rollouts:
+    """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache. With share_prefill
+    (and G > 1) each prompt of a batch is prefilled once for all its completions in that batch."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
-    ids = prompts.input_ids.repeat_interleave(group_size, 0).to(device)  # [P*G, Tp]
-    mask = prompts.attention_mask.repeat_interleave(group_size, 0).to(device)  # [P*G, Tp]
+    prompt_ids, prompt_mask = prompts.input_ids.to(device), prompts.attention_mask.to(device)  # [P, Tp]
+    ids = prompt_ids.repeat_interleave(group_size, 0)  # [P*G, Tp]
+    mask = prompt_mask.repeat_interleave(group_size, 0)  # [P*G, Tp]
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
                                                      "top_k": 0}
+    share = share_prefill and group_size > 1 and ids.shape[1] > 1
     chunks = []
     for s in range(0, ids.shape[0], gen_batch):
-        out = model.generate(input_ids=ids[s:s + gen_batch], attention_mask=mask[s:s + gen_batch],
-                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
-                             pad_token_id=pad, use_cache=True, **sampling)  # [b, Tp+Tc']
+        rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
+        cache = {cache_keyword(model): shared_prefill(model, prompt_ids, prompt_mask, rows // group_size)} \
+            if share else {}
+        out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+                             **cache, **sampling)  # [b, Tp+Tc']
         new = out[:, ids.shape[1]:]  # [b, Tc']
         chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
     completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
@@ -211,7 +246,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     Only completion positions go through the LM head, and under autograd each chunk is checkpointed, so the
     full [B, T, V] fp32 logits never exist: the peak is one [chunk, Tc, V] block (plus its gradient in backward).
     """
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model)
     backbone, head = causal.get_decoder(), causal.get_output_embeddings()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding aware
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
