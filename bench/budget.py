@@ -129,8 +129,8 @@ def rescore(path: str) -> None:
         row["rescored"] = {f"error_{k}": round((v - m[f"mem/{k}"]) / m[f"mem/{k}"], 3) for k, v in now.items()}
         row["rescored"]["error_needed"] = round((bd.peak - row["needed_bytes"]) / row["needed_bytes"], 3)
         ran_needed = (m["plan/device"] - row["needed_bytes"]) / row["needed_bytes"]
-        print(f"{row['model']:<7}{row['vram']:>4}  ran: gen {row['error_generate']:+.1%} train {row['error_train']:+.1%} "
-              f"needed {ran_needed:+.1%}   now: gen {row['rescored']['error_generate']:+.1%} "
+        print(f"{row['model']:<7}{row['vram']:>4}  ran: gen {row['error_generate']:+.1%} "
+              f"train {row['error_train']:+.1%} needed {ran_needed:+.1%}   now: gen {row['rescored']['error_generate']:+.1%} "
               f"train {row['rescored']['error_train']:+.1%} needed {row['rescored']['error_needed']:+.1%} "
               f"(device incl. allocator cache {row['rescored']['error_device']:+.1%})")
     result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "what": "errors of the current planner for the same "

@@ -1,9 +1,10 @@
 """Check the planner's activation terms against a measured CPU run (no GPU needed).
 
 Builds a small random Llama (hidden 256, 4 layers, vocab 49152) with peft LoRA on every projection and runs
-HF `generate` for Bg sequences, then tinyrl's own `policy.reference_logprobs` (the no-grad reference pass,
-adapter disabled) and `policy.completion_logprobs` for one micro-batch forward + backward with non-reentrant gradient checkpointing and completion-only log-probs
-computed `logprob_chunk` rows at a time (each chunk recomputed in backward), then one AdamW step. Each phase's
+tinyrl's own code: `policy.reference_logprobs` (the no-grad reference pass, adapter disabled), then
+`policy.completion_logprobs` for one micro-batch forward + backward (non-reentrant gradient checkpointing,
+completion-only log-probs computed `logprob_chunk` rows at a time, each chunk recomputed in backward), one
+AdamW step, and `policy.generate` of 2 prompts x 4 completions (one shared prefill per prompt). Each phase's
 peak resident memory above the memory before it (VmHWM after resetting it through /proc/self/clear_refs, with
 glibc told to mmap every allocation >= 64 KiB so freed tensors leave the resident set) is compared with
 `tinyrl.budget.estimate` for the same shapes, in fp32 and in bf16 (base in bf16, LoRA in fp32, as on a GPU).
@@ -12,10 +13,6 @@ workspaces, fragmentation, bitsandbytes (those need bench/budget.py on a GPU).
 
     OMP_NUM_THREADS=2 python bench/budget_cpu.py   # ~10 min on 2 cores (bf16 is slow on CPU); writes
                                                    # bench/results/budget_cpu.json
-
-Known gap: bf16 `generate` of the peft model on CPU measures ~180 MiB above the plan, all of it inside the
-lm_head matmul ([8, 256] x [256, 49152] in bf16: CPU kernel scratch, absent without peft and in fp32). CPU runs
-are planned in fp32, so the planner does not model it; the GPU check is bench/budget.py's.
 """
 
 from __future__ import annotations
@@ -223,8 +220,7 @@ def main() -> None:
         "what": "peak resident bytes per phase above the memory before it, vs tinyrl.budget.estimate",
         "method": "VmHWM reset via /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=65536; one subprocess per case; "
                   "each phase run twice, the second measured",
-        "notes": "bf16 generation on CPU: ~180 MiB of CPU bf16 matmul scratch in lm_head with peft, not planned "
-                 "(CPU runs are fp32); training phases in bf16 check the 16-bit formulas (LoRA fp32 casts)",
+        "notes": "training phases in bf16 check the 16-bit formulas (LoRA fp32 casts)",
         "model": MODEL, "lora_rank": RANK, "prompt_tokens": TP, "completion_tokens": TC, "micro_batch": MICRO,
         "gen_batch": GEN_BATCH, "gen_tokens": GEN_TOKENS,
         "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "cases": cases,

@@ -179,8 +179,9 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     unique, inverse = torch.unique(owners, return_inverse=True)  # [k], [b]
     ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]  # [k, Tp-1]
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # [k, Tp-1]
-    decoder = causal_lm(model).get_decoder()
-    cache = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)[cache_keyword(model)]
+    out = causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                         use_cache=True)
+    cache = out[cache_keyword(model)]
     cache.batch_select_indices(inverse.to(ids.device))  # k rows -> b rows
     return cache
 
