@@ -57,8 +57,9 @@ def planned(model_dir: str, vram: str, data: str | None, caps) -> dict:
 def measure(model_dir: str, vram: str, data: str | None, knobs: dict, prompts: int, steps: int, out: str) -> dict:
     """One row: the real `fit` with --vram, the plan's knobs pinned and `prompts` prompts per step; its metrics.
 
-    Peaks do not depend on how many generate calls or micro-batches a step makes, so rows other than the
-    headline ones run P = gen_batch / G prompts (one generate call) to save time; `prompts_per_step` says which.
+    Peaks do not depend on how many generate calls or micro-batches a step makes (each call's cache is freed
+    before the next, each micro-batch's activations too), so rows other than the headline ones run
+    P = gen_batch / G prompts (one generate call) to save time; `prompts_per_step` says which.
     """
     import dataclasses
     import gc
@@ -118,13 +119,15 @@ def rescore(path: str) -> None:
     with open(path) as f:
         result = json.load(f)
     caps = budget.DeviceCaps(result["hardware"]["gpu"], result["hardware"]["gpu_total"], bf16=True)
+    shared = result["settings"].get("shared_prefill", False)  # sweeps before it was recorded ran without it
     for row in result["rows"]:
         m = row["measured"]
         if "mem/device" not in m:
             continue
         knobs = {**row["plan"]["knobs"], "prompts_per_step": m["prompts_per_step"]}
         g = budget.geometry_from_config(budget.PUBLIC_CONFIGS[row["geometry"]])
-        bd = budget.estimate(g, budget.Settings(**knobs), row["plan"]["prompt_len"], caps, encoder_bytes=0)
+        bd = budget.estimate(g, budget.Settings(**knobs), row["plan"]["prompt_len"], caps, encoder_bytes=0,
+                             shared_prefill=shared)
         now = {"generate": bd.fixed + bd.generation, "train": bd.fixed + bd.training, "device": bd.peak}
         row["rescored"] = {f"error_{k}": round((v - m[f"mem/{k}"]) / m[f"mem/{k}"], 3) for k, v in now.items()}
         row["rescored"]["error_needed"] = round((bd.peak - row["needed_bytes"]) / row["needed_bytes"], 3)
@@ -133,8 +136,9 @@ def rescore(path: str) -> None:
               f"train {row['error_train']:+.1%} needed {ran_needed:+.1%}   now: gen {row['rescored']['error_generate']:+.1%} "
               f"train {row['rescored']['error_train']:+.1%} needed {row['rescored']['error_needed']:+.1%} "
               f"(device incl. allocator cache {row['rescored']['error_device']:+.1%})")
-    result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "what": "errors of the current planner for the same "
-                          "settings (rows[].rescored), after calibration on these measurements"}
+    result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "shared_prefill": shared,
+                          "what": "errors of the current planner's constants for the same settings and the same "
+                                  "generation code as measured (rows[].rescored)"}
     write_atomic(path, result)
 
 
@@ -208,6 +212,7 @@ def main() -> None:
                       "tokens, 200-token completions): planned vs measured peak allocated bytes per phase, and "
                       "device bytes (allocator reserve + CUDA context) vs V",
               "settings": {"group_size": 16, "max_prompt_tokens": 256, "max_new_tokens": 200, "method": "r1",
+                           "shared_prefill": True,
                            "steps": args.steps, "headline rows (P=16)": [f"{m} {v}" for m, v in HEADLINE]},
               "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     measured_by_knobs: dict[str, dict] = {}

@@ -220,7 +220,8 @@ def main() -> None:
         "what": "peak resident bytes per phase above the memory before it, vs tinyrl.budget.estimate",
         "method": "VmHWM reset via /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=65536; one subprocess per case; "
                   "each phase run twice, the second measured",
-        "notes": "training phases in bf16 check the 16-bit formulas (LoRA fp32 casts)",
+        "notes": "training phases in bf16 check the 16-bit formulas (LoRA fp32 casts); generation runs "
+                 "policy.generate (shared prefill)",
         "model": MODEL, "lora_rank": RANK, "prompt_tokens": TP, "completion_tokens": TC, "micro_batch": MICRO,
         "gen_batch": GEN_BATCH, "gen_tokens": GEN_TOKENS,
         "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "cases": cases,

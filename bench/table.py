@@ -86,7 +86,7 @@ def gpu_rows() -> list[tuple[str, str, str, str]]:
             now = [r["rescored"][key] for r in measured if "rescored" in r]
             cell = f"{100 * min(ran):+.0f} … {100 * max(ran):+.0f} % as run"
             if now:
-                cell += f"; {100 * min(now):+.0f} … {100 * max(now):+.0f} % after calibrating on these rows"
+                cell += f"; {100 * min(now):+.0f} … {100 * max(now):+.0f} % with the constants calibrated on them"
             out.append((f"planner vs measured peak allocated, {label} phase ({len(measured)} GPU rows)", cell, hw,
                         "bench/budget.py"))
     out += vs_trl_rows("vs_trl_gpu.json", "Qwen2.5-0.5B geometry, bf16", "CUDA peak allocated",
@@ -99,7 +99,7 @@ def vs_trl_rows(name: str, what: str, mem_label: str, mem_key: str, script: str)
     vs = load(name)
     if not vs or not {"tinyrl", "trl"} <= vs["summary"].keys():
         return []
-    hw = vs["hardware"].get("gpu") or f"{vs['hardware']['cpu']}, 2 cores"
+    hw = vs["hardware"].get("gpu") or f"{vs['hardware']['cpu']}, {vs['hardware']['threads']} threads"
     hw += f", TRL {vs['hardware']['trl']}"
     t, r, c = vs["summary"]["tinyrl"], vs["summary"]["trl"], vs["config"]
 

@@ -444,7 +444,7 @@ def report(head: dict, runs: list[dict], started: float, device: str, trl_flush_
                     "autocast_adapter_dtype); TRL trains under bf16 autocast (bf16=True), tinyrl without autocast, "
                     "with an fp32 log-softmax over completion logits")
         head_note = ("TRL's fused LM head (trl/kernels/chunked_logprob.py) scores completion positions only where "
-                     "Triton is present (every position otherwise: see 'triton' in its run rows) and computes "
+                     "Triton is present (every position otherwise; on cuda see 'triton' in its run rows) and computes "
                      "entropy; tinyrl scores completion tokens only (this is part of what is being compared)")
     results["not_like_for_like"] = [
         f"sampling differs (different RNG use); equal work is forced with min_new_tokens = max_new_tokens = "

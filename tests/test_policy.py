@@ -113,6 +113,35 @@ def test_shared_prefill_runs_each_prompt_once(tiny_model):
     assert not torch.equal(keys[0], keys[3])
 
 
+def test_each_batch_cache_is_freed_before_the_next_prefill(tiny_model, monkeypatch):
+    """The planner counts one batch's KV cache at a time: the previous batch's must be gone when the next
+    batch's prompts are prefilled."""
+    import weakref
+
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
+    made, alive_at_next = [], []
+    real = policy.shared_prefill
+
+    def tracking(*args):
+        alive_at_next.extend(ref() is not None for ref in made)
+        cache = real(*args)
+        made.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(policy, "shared_prefill", tracking)
+    policy.generate(model, tok, prompts, group_size=3, max_new_tokens=8, gen_batch=2)
+    assert len(made) == 3 and alive_at_next == [False] * 3  # 6 rows in 3 batches; no cache outlived its batch
+
+
+def test_models_with_their_own_cache_type_get_hf_prefill(tiny_model):
+    model, tok = load(tiny_model)
+    assert policy.can_share_prefill(model)
+    policy.causal_lm(model).generation_config.cache_implementation = "static"
+    assert not policy.can_share_prefill(model)
+
+
 def grads_after(model, ids, mask):
     model.zero_grad()
     policy.completion_logprobs(model, ids, mask, 4, 2).sum().backward()

@@ -62,13 +62,13 @@ SAMPLING_FP32_COPIES = 6  # per decode step: fp32 logits copy, temperature, top-
 # softmax temporary, and the two logits grads (from gather and from logsumexp) before they are summed. Measured:
 # 4 B/element above 12 on an H200 (bf16, bench/budget.py) and on CPU (fp32 and bf16, bench/budget_cpu.py).
 LOGPROB_GRAD_BYTES = 16
-LOGPROB_NOGRAD_BYTES = 8  # per element without grad: fp32 logits + log_softmax out
+LOGPROB_NOGRAD_BYTES = 8  # per element without grad: fp32 logits + logsumexp's temporary
 LOSS_TENSORS = 16  # the loss' working set: about this many [B, Tc] fp32 tensors
 
 # Framework overhead. The CUDA context was measured by bench/budget.py on an H200 (torch 2.11, CUDA 13.0): 619 MiB
-# right after the model loads, 790-873 MiB once the kernels of a step have loaded; other cards and CUDA versions
-# differ by a few hundred MiB, so this is a ceiling. `fit --vram` caps torch's allocator at V less
-# max(this, the context it measures).
+# right after the model loads, 790-873 MiB once the kernels of a step have loaded; 900 MiB rounds that up. Other
+# cards and CUDA versions differ by up to a few hundred MiB (unmeasured). `fit --vram` caps torch's allocator at
+# V less this.
 CUDA_CONTEXT_BYTES = 900 * MiB  # CUDA context + kernels loaded lazily; outside torch's allocator
 CUDA_WORKSPACE_BYTES = 64 * MiB  # cuBLAS/cuBLASLt workspaces, SDPA and bitsandbytes scratch
 CPU_RUNTIME_BYTES = 400 * MiB  # CPU runs: resident size of python + torch before any tensor
@@ -493,15 +493,16 @@ def layer_backward_bytes_per_token(g: ModelGeometry, c: int) -> int:
 
 
 def prefill_rows(gen_batch: int, group_size: int) -> int:
-    """The most distinct prompts among gen_batch consecutive rows of the P*G (prompt-major) rows: each is
-    prefilled once (policy.shared_prefill). One more when a batch can straddle a prompt boundary.
+    """The most distinct prompts among gen_batch consecutive rows (batches start at multiples of gen_batch) of
+    the P*G prompt-major rows: each is prefilled once (policy.shared_prefill).
 
-    >>> prefill_rows(256, 16), prefill_rows(8, 16), prefill_rows(24, 16), prefill_rows(1, 16)
-    (16, 1, 3, 1)
+    >>> prefill_rows(256, 16), prefill_rows(8, 16), prefill_rows(24, 16), prefill_rows(3, 16), prefill_rows(1, 16)
+    (16, 1, 2, 2, 1)
+    >>> all(prefill_rows(b, g) == max(len({r // g for r in range(j * b, j * b + b)}) for j in range(g))
+    ...     for b in range(1, 40) for g in range(1, 20))
+    True
     """
-    k = -(-gen_batch // group_size)
-    straddles = gen_batch % group_size and group_size % gen_batch
-    return min(gen_batch, k + (1 if straddles else 0))
+    return min(gen_batch, -(-(gen_batch + group_size - math.gcd(gen_batch, group_size)) // group_size))
 
 
 def layer_nograd_bytes_per_token(g: ModelGeometry, c: int, seq: int, fused_attention: bool = True) -> int:
@@ -520,9 +521,11 @@ def estimate(
     prompt_len: int,
     caps: DeviceCaps = DEVICES["cuda"],
     encoder_bytes: int = ENCODER_BYTES,
+    shared_prefill: bool = True,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
-    (the longest prompt of a batch, at most max_prompt_tokens)."""
+    (the longest prompt of a batch, at most max_prompt_tokens). `shared_prefill=False` models generation as it
+    was before prompts shared their prefill (every row prefilled), to re-score measurements taken then."""
     g, s = geometry, settings
     c = DTYPES[s.dtype]
     L, D, V, I, H = g.layers, g.hidden, g.vocab, g.intermediate, g.heads  # noqa: N806 - the shape vocabulary
@@ -567,7 +570,7 @@ def estimate(
 
     # generation: prefill the distinct prompts of Bg sequences once, repeat their cache rows, decode Tc steps --
     bg = s.gen_batch
-    kp = prefill_rows(bg, s.group_size)
+    kp = prefill_rows(bg, s.group_size) if shared_prefill else bg
     kv_per_token = 2 * L * g.kv_dim * c
     kv = add("generation", "KV cache", kv_per_token * t * bg,
              f"2·L·KV·hd·T·Bg·c = 2·{L}·{g.kv_heads}·{g.head_dim}·{t}·{bg}·{c}")
@@ -576,8 +579,9 @@ def estimate(
     per_tok = layer_nograd_bytes_per_token(g, c, tp, caps.fused_attention)
     prefill = add("generation", "prefill (one layer, no grad)", kp * tp * per_tok,
                   f"k·Tp·(I·(2c+8) + D·(c+8) + Tp·c) = {kp}·{tp}·{per_tok}, k = distinct prompts of Bg rows")
-    prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (kp + bg),
-                    f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({kp}+{bg})")
+    repeated = kp if shared_prefill else 0  # the k prefilled rows, alive while their copies are made
+    prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (repeated + bg),
+                    f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({repeated}+{bg})")
     sampling = add("generation", "sampling logits", bg * V * (c + 4 * SAMPLING_FP32_COPIES),
                    f"Bg·V·(c + 4·{SAMPLING_FP32_COPIES}) = {bg}·{V}·{c + 4 * SAMPLING_FP32_COPIES}")
     if dequant:
@@ -619,7 +623,7 @@ def estimate(
     # overhead ------------------------------------------------------------------------------------------
     phase = max(generation, training)
     if caps.cuda:
-        overhead = add("overhead", "CUDA context", CUDA_CONTEXT_BYTES, "constant, measured on an H200 (ceiling)")
+        overhead = add("overhead", "CUDA context", CUDA_CONTEXT_BYTES, "constant: H200 measurement, rounded up")
         overhead += add("overhead", "CUDA workspaces", CUDA_WORKSPACE_BYTES, "cuBLAS/SDPA/bnb scratch, constant")
     else:
         overhead = add("overhead", "python + torch runtime", CPU_RUNTIME_BYTES, "resident size before any tensor")

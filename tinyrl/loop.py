@@ -50,8 +50,11 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
     if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
-        context = max(meter.cuda_outside_torch(device), budget.CUDA_CONTEXT_BYTES)  # it grows as kernels load
-        cap_cuda_memory(budget.parse_bytes(cfg.vram), context, device)
+        cap_cuda_memory(budget.parse_bytes(cfg.vram), budget.CUDA_CONTEXT_BYTES, device)
+        outside = meter.cuda_outside_torch(device)
+        if outside > budget.CUDA_CONTEXT_BYTES and not quiet:
+            print(f"note: {meter.human_bytes(outside)} of this GPU is in use outside torch (other processes?); "
+                  f"--vram {cfg.vram} budgets this run only", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
@@ -108,8 +111,11 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
                                 "plan/device": planned.breakdown.peak})
             if memory_stats:
                 metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                metrics.update({f"eval/{k}": v for k, v in run_eval(model, tokenizer, held_out, cfg).items()})
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # one completion per prompt: as many
+                # prompts per generate call as a training batch prefills, so eval stays inside the plan
+                batch_size = budget.prefill_rows(cfg.gen_batch, cfg.group_size)
+                metrics.update({f"eval/{k}": v for k, v in run_eval(model, tokenizer, held_out, cfg,
+                                                                     batch_size=batch_size).items()})
             log.log(metrics)
             if (step + 1) % cfg.sample_every == 0 or step == start:
                 log.samples(step + 1, sample_rows(rollouts, scored, n=4))
@@ -172,13 +178,13 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
                        encoder_bytes=encoder_bytes)
 
 
-def cap_cuda_memory(vram_bytes: int, outside: int, device) -> None:
+def cap_cuda_memory(vram_bytes: int, context: int, device) -> None:
     """Cap torch's allocator so that it plus what lives outside it (the CUDA context) stays within vram_bytes:
     on a bigger card the run then backs off or fails where the smaller card would. Near the cap the allocator
     returns cached blocks to the driver before it fails, which costs speed, not correctness."""
     index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (vram_bytes - outside) / total)), index)
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (vram_bytes - context) / total)), index)
 
 
 def check_writable(run: str) -> None:
@@ -357,14 +363,16 @@ def evaluate(cfg: Config, adapter: str | None, limit: int | None, out_path: str 
 
 
 def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: str | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, batch_size: int | None = None) -> dict:
+    """Greedy completions, `batch_size` prompts per generate call (default gen_batch), and both metrics."""
     rows = []
-    for s in range(0, len(examples), cfg.gen_batch):
-        batch = examples[s:s + cfg.gen_batch]
+    batch_size = batch_size or cfg.gen_batch
+    for s in range(0, len(examples), batch_size):
+        batch = examples[s:s + batch_size]
         rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot, seed=cfg.seed,
                                   system_prompt=system_prompt(cfg.task))
         out = policy.generate(model, tokenizer, rendered, group_size=1, max_new_tokens=cfg.max_new_tokens,
-                              gen_batch=cfg.gen_batch, greedy=True)
+                              gen_batch=batch_size, greedy=True)
         answers = [ex.answer for ex in batch]
         exact = rewards.correctness(list(out.completions), answers)
         extractive = rewards.extractive_match(list(out.completions), answers)

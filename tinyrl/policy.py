@@ -186,6 +186,13 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return cache
 
 
+def can_share_prefill(model) -> bool:
+    """A model that brings its own cache type (e.g. a hybrid or sliding-window static cache set in its generation
+    config) gets HF's own prefill; shared_prefill builds the default DynamicCache."""
+    gen = getattr(causal_lm(model), "generation_config", None)
+    return getattr(gen, "cache_implementation", None) is None
+
+
 def cache_keyword(model) -> str:
     """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
     return "cache" if "cache" in inspect.signature(causal_lm(model).get_decoder().forward).parameters \
@@ -213,7 +220,7 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     mask = prompt_mask.repeat_interleave(group_size, 0)  # [P*G, Tp]
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
                                                      "top_k": 0}
-    share = share_prefill and group_size > 1 and ids.shape[1] > 1
+    share = share_prefill and group_size > 1 and ids.shape[1] > 1 and can_share_prefill(model)
     chunks = []
     for s in range(0, ids.shape[0], gen_batch):
         rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
@@ -222,6 +229,7 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
         out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=max_new_tokens,
                              min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True,
                              **cache, **sampling)  # [b, Tp+Tc']
+        del cache  # this batch's full KV cache: free it before the next batch's prefill
         new = out[:, ids.shape[1]:]  # [b, Tc']
         chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
     completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
