@@ -202,9 +202,19 @@ def main() -> None:
     from randmodel import char_tokenizer, make_random_model
 
     from tinyrl import budget
+    from tinyrl.errors import UserError
 
     started = time.perf_counter()
     rows = [tuple(spec.split(":")) for spec in args.rows.split(",")]
+    def valid(row: tuple) -> bool:
+        try:
+            return len(row) == 2 and row[0] in MODELS and budget.parse_bytes(row[1]) > 0
+        except UserError:
+            return False
+
+    bad = [":".join(r) for r in rows if not valid(r)]
+    if bad:
+        sys.exit(f"--rows {','.join(bad)}: use MODEL:VRAM with MODEL one of {', '.join(MODELS)}, e.g. qwen:8G")
     caps = budget.DEVICES["H100"] if args.dry_run else budget.detect_caps()
     if not (args.dry_run or caps.cuda):
         sys.exit("bench/budget.py measures CUDA memory: run it on a GPU, or pass --dry-run for the plans")

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from hardware import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "budget_cpu.json"
 
@@ -187,11 +189,9 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
 def hardware() -> dict:
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
     mem = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
                if ln.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": mem,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": mem,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 

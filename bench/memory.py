@@ -37,6 +37,8 @@ import numpy as np
 import usearch
 from usearch.index import Index
 
+from hardware import cpu_name
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinyrl.memory import MemorySettings, MemoryState  # noqa: E402
 
@@ -260,10 +262,8 @@ def bench_step(rng: np.random.Generator, k: int, work: str, steps: int = 20) -> 
 
 
 def hardware() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     probe = Index(ndim=D, metric="cos", dtype="i8")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
             "usearch": usearch.__version__, "usearch_simd": probe.hardware_acceleration,
             "os": platform.platform(), "load_avg_1m": round(os.getloadavg()[0], 1)}
 

@@ -49,6 +49,8 @@ import tempfile
 import threading
 import time
 
+import torch
+
 from hardware import cpu_name
 
 from tinyrl.meter import peak_bytes
@@ -102,13 +104,7 @@ def batching(device: str) -> dict:
 
 def vm_hwm() -> int:
     """Peak RSS (VmHWM) of this process in bytes; 0 where /proc is missing."""
-    return peak_bytes(torch_cpu())
-
-
-def torch_cpu():
-    import torch
-
-    return torch.device("cpu")
+    return peak_bytes(torch.device("cpu"))
 
 
 class PeakRSS:

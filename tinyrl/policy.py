@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -195,8 +196,12 @@ def can_share_prefill(model) -> bool:
 
 def cache_keyword(model) -> str:
     """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(causal_lm(model).get_decoder().forward).parameters \
-        else "past_key_values"
+    return _cache_keyword(type(causal_lm(model).get_decoder()))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(decoder_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def causal_lm(model):
