@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -121,12 +122,26 @@ def test_sixteen_bit_weights_and_embeddings():
 
 
 def test_checkpoint_boundaries_and_logprob_chunk():
-    bd = estimate(TINY, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6)
+    bd = estimate(TINY, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6, shared_prompts=False)
     assert bd.term("checkpoint boundaries").bytes == 2 * 2 * 10 * 64 * 2  # L·B·T·D·c = 5120
     assert bd.term("log-prob chunk (with grads)").bytes == 1 * 4 * 1000 * 16  # chunk·Tc·V·16 = 64000
-    no_ckpt = estimate(TINY, tiny_settings(grad_checkpointing=False), prompt_len=6)
+    no_ckpt = estimate(TINY, tiny_settings(grad_checkpointing=False), prompt_len=6, shared_prompts=False)
     saved = budget.layer_saved_bytes_per_token(TINY, 8, 2, 10)
     assert no_ckpt.term("activations of all layers").bytes == 2 * 20 * saved
+
+
+def test_rows_of_a_group_share_their_prompt_in_training():
+    # B=2 rows of one prompt (G=4): the decoder runs 1·Tp + 2·Tc = 6 + 8 = 14 tokens, not 2·10 = 20
+    bd = estimate(TINY, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6)
+    assert bd.term("checkpoint boundaries").bytes == 2 * 14 * 64 * 2  # L·n·D·c = 3584
+    assert bd.term("shared prompts' K/V").bytes == 2 * 2 * 32 * 6 * 2  # 2·L·KV·hd·kt·Tp·c = 1536
+    no_ckpt = estimate(TINY, tiny_settings(micro_batch=2, grad_checkpointing=False), prompt_len=6)
+    saved = budget.layer_saved_bytes_per_token(TINY, 8, 2, 10)
+    repeated = 2 * 6 * 2 * (64 + 32) * 2  # B·Tp·2·(H+KV)·hd·c: the prompt's K/V for both rows, all heads
+    assert no_ckpt.term("activations of all layers").bytes == 2 * (14 * saved + repeated)
+    sliding = replace(TINY, full_attention=False)  # such models score each row on its own (policy.can_share_prompt)
+    assert estimate(sliding, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6).term(
+        "checkpoint boundaries").bytes == 5120
 
 
 def test_prompt_length_is_capped():

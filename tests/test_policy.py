@@ -163,3 +163,96 @@ def test_qlora_on_cpu_gradient_unchanged_by_generate(tiny_model):
     for name in before:
         assert torch.allclose(before[name], after[name], atol=1e-6), name
     assert any(g.abs().sum() > 0 for g in after.values())
+
+
+def group_batch(tok, prompts, completions, group_size):
+    """[P*G, Tp+Tc] rows: left-padded prompts repeated G times, then right-padded completions."""
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    p_ids, p_mask = enc.input_ids.repeat_interleave(group_size, 0), enc.attention_mask.repeat_interleave(group_size, 0)
+    rows = [tok(c, add_special_tokens=False).input_ids for c in completions]
+    tc = max(map(len, rows))
+    c_ids = torch.tensor([r + [tok.pad_token_id] * (tc - len(r)) for r in rows])
+    c_mask = torch.tensor([[1] * len(r) + [0] * (tc - len(r)) for r in rows])
+    return torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), c_mask.float(), tc
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_scoring_equals_per_row(tiny_model, monkeypatch, checkpointing):
+    model, tok = load(tiny_model, checkpointing=checkpointing)
+    model.train()
+    ids, mask, cmask, tc = group_batch(tok, ["<|user|>hi 12<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"],
+                                       ["ab1", "x9z", "7", "hello", "=2", "q"], 3)
+
+    def run():
+        model.zero_grad()
+        logp = policy.completion_logprobs(model, ids, mask, tc, 2)  # [6, Tc]
+        (logp * cmask).sum().backward()
+        ref = policy.reference_logprobs(model, ids, mask, tc, 2)
+        return logp.detach(), ref, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    shared = run()
+    monkeypatch.setattr(policy, "can_share_prompt", lambda decoder: False)
+    per_row = run()
+    assert torch.allclose(shared[0], per_row[0], atol=1e-5) and torch.allclose(shared[1], per_row[1], atol=1e-5)
+    assert shared[2].keys() == per_row[2].keys()
+    for name, grad in shared[2].items():
+        assert torch.allclose(grad, per_row[2][name], atol=1e-5), name
+    assert any(grad.abs().max() > 1e-3 for grad in shared[2].values())  # the comparison is not of zeros
+
+
+def test_shared_prompt_scoring_runs_each_prompt_once(tiny_model):
+    model, tok = load(tiny_model, checkpointing=True)
+    ids, mask, _, tc = group_batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>again<eos><|assistant|>"],
+                                   ["a", "b", "c", "d"], 2)
+    decoder = policy.causal_lm(model).get_decoder()
+    shapes = []
+    hook = decoder.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        policy.completion_logprobs(model, ids, mask, tc, 4).sum().backward()
+    finally:
+        hook.remove()
+    tp = ids.shape[1] - tc
+    assert shapes == [(2, tp - 1), (4, tc)]  # 2 prompts once (all but their last token), then 4 completions
+
+
+@pytest.mark.parametrize(("config", "shared"), [
+    ({}, True), ({"sliding_window": 4}, False), ({"sliding_window": 4, "use_sliding_window": False}, True),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, False)])
+def test_models_with_sliding_windows_score_each_row(config, shared):
+    """The policy shares prompts exactly where the planner assumes it does (budget.full_attention)."""
+    from types import SimpleNamespace
+
+    from tinyrl import budget
+
+    decoder = torch.nn.Module()
+    decoder.config = SimpleNamespace(**config)
+    assert policy.can_share_prompt(decoder) == budget.full_attention(config) == shared
+
+
+def test_shared_prompt_scoring_on_qwen2():
+    """Qwen2 (biases on q/k/v): the decoder's own hidden states and gradients match, without peft."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    torch.manual_seed(0)
+    decoder = Qwen2Model(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    prompts = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]).repeat_interleave(2, 0)  # [4, 4], one left-padded
+    ids = torch.cat([prompts, torch.randint(1, 50, (4, 3))], 1)  # [4, 7]
+    mask = (ids != 0).long()
+
+    def run(share):
+        decoder.zero_grad()
+        if share:
+            hidden = policy.completion_hidden(decoder, ids, mask, 3)
+        else:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -4:-1]
+        hidden.pow(2).sum().backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None}
+
+    (h1, g1), (h2, g2) = run(True), run(False)
+    assert torch.allclose(h1, h2, atol=1e-5)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-4), name

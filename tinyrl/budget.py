@@ -17,6 +17,8 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
   - generation: HF `generate` with a DynamicCache, Bg sequences at a time; the distinct prompts of those Bg are
     prefilled once and their cache rows repeated for each completion (policy.shared_prefill);
   - training: the no-grad reference pass (adapter disabled) of a micro-batch, then its forward/backward;
+    the distinct prompts of a micro-batch run once and each row's completion attends to its prompt's K/V
+    (policy.completion_hidden), for full-attention models;
     gradient checkpointing is non-reentrant at each decoder layer; log-probs only at completion positions,
     `logprob_chunk` rows at a time, each chunk's logits recomputed in backward (torch.utils.checkpoint around
     lm_head + gather - logsumexp), so only one chunk's [chunk, Tc, V] tensors are ever alive.
@@ -137,6 +139,7 @@ class ModelGeometry:
     vocab: int  # V
     tied_embeddings: bool  # lm_head shares the embedding matrix
     qkv_bias: bool = False  # qwen2 has biases on q, k, v
+    full_attention: bool = True  # no sliding-window layers: rows of a group share one prompt pass in training
 
     @property
     def q_dim(self) -> int:
@@ -189,7 +192,19 @@ def geometry_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Mod
         # transformers' llama/qwen2/mistral configs default to untied when the key is absent
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", model_type.startswith("qwen2"))),
+        full_attention=full_attention(cfg),
     )
+
+
+def full_attention(cfg: Mapping[str, Any]) -> bool:
+    """Every layer attends to the whole sequence: no sliding-window or other layer types (config.json as a dict).
+
+    >>> full_attention({"sliding_window": 32768, "use_sliding_window": False}), full_attention({"sliding_window": 4096})
+    (True, False)
+    """
+    if set(cfg.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+        return False
+    return cfg.get("sliding_window") is None or cfg.get("use_sliding_window") is False
 
 
 # Public config.json values (the fields the planner reads). Qwen2.5 and Llama-3.2 checked against copies of
@@ -521,11 +536,12 @@ def estimate(
     prompt_len: int,
     caps: DeviceCaps = DEVICES["cuda"],
     encoder_bytes: int = ENCODER_BYTES,
-    shared_prefill: bool = True,
+    shared_prompts: bool = True,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
-    (the longest prompt of a batch, at most max_prompt_tokens). `shared_prefill=False` models generation as it
-    was before prompts shared their prefill (every row prefilled), to re-score measurements taken then."""
+    (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
+    before the rows of a group shared their prompt (every row prefilled and trained on its own copy of the
+    prompt), to re-score measurements taken then."""
     g, s = geometry, settings
     c = DTYPES[s.dtype]
     L, D, V, I, H = g.layers, g.hidden, g.vocab, g.intermediate, g.heads  # noqa: N806 - the shape vocabulary
@@ -570,7 +586,7 @@ def estimate(
 
     # generation: prefill the distinct prompts of Bg sequences once, repeat their cache rows, decode Tc steps --
     bg = s.gen_batch
-    kp = prefill_rows(bg, s.group_size) if shared_prefill else bg
+    kp = prefill_rows(bg, s.group_size) if shared_prompts else bg
     kv_per_token = 2 * L * g.kv_dim * c
     kv = add("generation", "KV cache", kv_per_token * t * bg,
              f"2·L·KV·hd·T·Bg·c = 2·{L}·{g.kv_heads}·{g.head_dim}·{t}·{bg}·{c}")
@@ -579,7 +595,7 @@ def estimate(
     per_tok = layer_nograd_bytes_per_token(g, c, tp, caps.fused_attention)
     prefill = add("generation", "prefill (one layer, no grad)", kp * tp * per_tok,
                   f"k·Tp·(I·(2c+8) + D·(c+8) + Tp·c) = {kp}·{tp}·{per_tok}, k = distinct prompts of Bg rows")
-    repeated = kp if shared_prefill else 0  # the k prefilled rows, alive while their copies are made
+    repeated = kp if shared_prompts else 0  # the k prefilled rows, alive while their copies are made
     prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (repeated + bg),
                     f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({repeated}+{bg})")
     sampling = add("generation", "sampling logits", bg * V * (c + 4 * SAMPLING_FP32_COPIES),
@@ -590,23 +606,37 @@ def estimate(
     generation_rule = "max(prompt KV + prefill, KV + growth + sampling)" + (" + dequantised" if dequant else "")
 
     # training: reference pass, then forward/backward of one micro-batch, then the optimiser step -------
+    # With shared prompts the kt distinct prompts of a micro-batch run once (kt·Tp tokens) and its B completions
+    # (B·Tc tokens) attend to them; the prompts' K/V stay alive for the whole pass, and the layer at work holds
+    # them repeated for B rows and H heads.
     b, k = s.micro_batch, s.logprob_chunk
-    n = b * t
+    kt = prefill_rows(b, s.group_size)
+    shared = shared_prompts and g.full_attention and kt < b and tp > 1
+    n = kt * tp + b * tc if shared else b * t  # tokens through the decoder
+    tokens = f"(kt·Tp + B·Tc) = ({kt}·{tp} + {b}·{tc})" if shared else f"B·T = {b}·{t}"
     grads = add("training", "LoRA grads (fp32)", 4 * n_lora, "4 B per LoRA param")
+    shared_kv = add("training", "shared prompts' K/V", kv_per_token * kt * tp,
+                    f"2·L·KV·hd·kt·Tp·c = {kv_per_token}·{kt}·{tp}, kt = distinct prompts of B rows") if shared else 0
+    repeat_kv = b * tp * 2 * (g.q_dim + g.kv_dim) * c if shared else 0
     ref_tok = layer_nograd_bytes_per_token(g, c, t, caps.fused_attention)
-    ref = add("training", "reference pass (no grad)", n * D * c + max(n * ref_tok, k * tc * V * LOGPROB_NOGRAD_BYTES),
-              f"B·T·D·c + max(B·T·one layer, chunk·Tc·V·{LOGPROB_NOGRAD_BYTES}) = {n}·{D * c} + "
-              f"max({n}·{ref_tok}, {k}·{tc}·{V}·{LOGPROB_NOGRAD_BYTES})")
+    ref = add("training", "reference pass (no grad)",
+              shared_kv + repeat_kv + n * D * c + max(n * ref_tok, k * tc * V * LOGPROB_NOGRAD_BYTES),
+              f"K/V + n·D·c + max(n·one layer, chunk·Tc·V·{LOGPROB_NOGRAD_BYTES}), n = {tokens}"
+              + (" + B·Tp·2·(H+KV)·hd·c" if shared else ""))
     saved = layer_saved_bytes_per_token(g, s.lora_rank, c, t, caps.fused_attention)
     back = layer_backward_bytes_per_token(g, c)
     if s.grad_checkpointing:
-        kept = add("training", "checkpoint boundaries", L * n * D * c, f"L·B·T·D·c = {L}·{b}·{t}·{D}·{c}")
-        layer = add("training", "one layer recomputed + its backward", n * (saved + back),
-                    f"B·T·(saved + grads) = {n}·({saved} + {back})")
+        kept = add("training", "checkpoint boundaries", L * n * D * c, f"L·n·D·c, n = {tokens}")
+        layer = add("training", "one layer recomputed + its backward", n * (saved + back)
+                    + repeat_kv, f"n·(saved + grads) = {n}·({saved} + {back})"
+                    + (f" + B·Tp·2·(H+KV)·hd·c = {repeat_kv}" if shared else ""))
     else:
-        kept = add("training", "activations of all layers", L * n * saved, f"L·B·T·saved = {L}·{n}·{saved}")
-        layer = add("training", "one layer's backward", n * back, f"B·T·grads = {n}·{back}")
-    final = add("training", "final norm + hidden", n * D * (4 + c), f"B·T·D·(4+c) = {n}·{D}·{4 + c}")
+        kept = add("training", "activations of all layers", L * (n * saved + repeat_kv),
+                   f"L·n·saved = {L}·{n}·{saved}" + (f" + L·B·Tp·2·(H+KV)·hd·c" if shared else ""))
+        layer = add("training", "one layer's backward", n * back, f"n·grads = {n}·{back}")
+    kept += shared_kv
+    final = add("training", "final norm + hidden", b * tc * D * (4 + c) if shared else n * D * (4 + c),
+                f"B·Tc·D·(4+c) = {b}·{tc}·{D}·{4 + c}" if shared else f"B·T·D·(4+c) = {n}·{D}·{4 + c}")
     chunk = add("training", "log-prob chunk (with grads)", k * tc * V * LOGPROB_GRAD_BYTES,
                 f"chunk·Tc·V·{LOGPROB_GRAD_BYTES} = {k}·{tc}·{V}·{LOGPROB_GRAD_BYTES}")
     loss = add("training", "loss working set", LOSS_TENSORS * b * tc * 4,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -259,13 +260,11 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
     Only completion positions go through the LM head, and under autograd each chunk is checkpointed, so the
     full [B, T, V] fp32 logits never exist: the peak is one [chunk, Tc, V] block (plus its gradient in backward).
+    Rows that share a prompt run it once (`completion_hidden`).
     """
     causal = causal_lm(model)
-    backbone, head = causal.get_decoder(), causal.get_output_embeddings()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding aware
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state  # [B, T, H]
-    hidden = hidden[:, -n_completion - 1:-1]  # [B, Tc, H] the state before each completion token
+    hidden = completion_hidden(causal.get_decoder(), input_ids, attention_mask, n_completion)  # [B, Tc, H]
+    head = causal.get_output_embeddings()
     targets = input_ids[:, -n_completion:]  # [B, Tc]
     rows = []
     for s in range(0, input_ids.shape[0], chunk):
@@ -275,6 +274,88 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         else:
             rows.append(_token_logprobs(head, h, t))  # [c, Tc]
     return torch.cat(rows)  # [B, Tc]
+
+
+def completion_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      n_completion: int) -> torch.Tensor:
+    """The decoder's last hidden state before each completion token: [B, Tc, H].
+
+    The G rows of a GRPO group repeat one prompt. Their distinct prompts (all but the last token) run through the
+    decoder once, and every row's completion attends to its prompt's keys and values (`_PromptKV`). That is
+    exactly the per-row computation, gradients included: a prompt's K/V feed all its rows, so backward sums them.
+    It saves (G-1)/G of the prompt tokens' compute and activations, forward and backward.
+    """
+    n_prefix = input_ids.shape[1] - n_completion - 1  # prompt tokens that only feed the cache
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding aware
+    prefix = torch.cat([input_ids[:, :n_prefix], attention_mask[:, :n_prefix]], -1)  # [B, 2*n_prefix]
+    unique, owner = torch.unique(prefix, dim=0, return_inverse=True)  # [k, 2*n_prefix], [B]
+    if n_prefix < 1 or len(unique) == len(prefix) or not can_share_prompt(decoder):
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # [B, T, H]
+        return hidden[:, -n_completion - 1:-1]  # [B, Tc, H]
+    first = torch.empty(len(unique), dtype=torch.long, device=owner.device)
+    first.scatter_(0, owner, torch.arange(len(owner), device=owner.device))  # [k] a row holding each prompt
+    kv, keyword = _prompt_kv_class()(), _cache_keyword(type(decoder))
+    with _cache_through_checkpoints(decoder):
+        decoder(input_ids=input_ids[first, :n_prefix], attention_mask=attention_mask[first, :n_prefix],
+                position_ids=position_ids[first, :n_prefix], use_cache=False, **{keyword: kv})
+        return decoder(input_ids=input_ids[:, n_prefix:-1], attention_mask=attention_mask[:, :-1],
+                       position_ids=position_ids[:, n_prefix:-1], use_cache=False,
+                       **{keyword: kv.for_rows(owner)}).last_hidden_state  # [B, Tc, H]
+
+
+@functools.lru_cache(maxsize=None)
+def _prompt_kv_class():
+    """A KV cache that never changes what it holds, so a gradient-checkpoint replay of a layer sees the same keys
+    and values as the first pass. Empty, it records each layer's prompt K/V; `for_rows(owner)` gives a cache that
+    answers each layer with row `owner[i]`'s prompt K/V followed by the new tokens'."""
+    from transformers import DynamicCache
+
+    class PromptKV(DynamicCache):
+        def __init__(self, kv=None, owner=None):
+            super().__init__()
+            self.kv, self.owner = kv if kv is not None else {}, owner
+            for layer, (k, v) in sorted(self.kv.items()):  # a [1, 1, Tp, d] slice sizes the attention mask
+                DynamicCache.update(self, k[:1, :1].detach(), v[:1, :1].detach(), layer)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if self.owner is None:  # the prompt pass: record (a replay records the same states again)
+                self.kv[layer_idx] = (key_states, value_states)
+                return key_states, value_states
+            k, v = self.kv[layer_idx]  # [k, h, Tp, d]
+            return torch.cat([k[self.owner], key_states], -2), torch.cat([v[self.owner], value_states], -2)
+
+        def for_rows(self, owner):
+            return PromptKV(self.kv, owner)
+
+    return PromptKV
+
+
+def can_share_prompt(decoder) -> bool:
+    """Prompt sharing needs plain full attention in every layer (no sliding windows) and, under gradient
+    checkpointing, transformers' per-layer switch that keeps a read-only cache through the checkpoint."""
+    cfg = decoder.config  # the same rule as budget.full_attention, which plans for it
+    if set(getattr(cfg, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return False
+    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", None) is not False:
+        return False
+    layers = [m for m in decoder.modules() if m is not decoder and getattr(m, "gradient_checkpointing", False)]
+    if not layers:  # not checkpointed, or checkpointed by the decoder's own loop (older transformers): no switch
+        return not getattr(decoder, "gradient_checkpointing", False)
+    return all(hasattr(m, "_can_checkpoint_with_cache") for m in layers)
+
+
+@contextlib.contextmanager
+def _cache_through_checkpoints(decoder):
+    """transformers drops the cache of a checkpointed layer unless the layer says the cache is read-only."""
+    layers = [m for m in decoder.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class default
 
 
 def reference_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
