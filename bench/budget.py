@@ -119,7 +119,8 @@ def rescore(path: str) -> None:
     with open(path) as f:
         result = json.load(f)
     caps = budget.DeviceCaps(result["hardware"]["gpu"], result["hardware"]["gpu_total"], bf16=True)
-    shared = result["settings"].get("shared_prefill", False)  # sweeps before it was recorded ran without it
+    # sweeps from before the rows of a group shared their prompt (generation and training) did not record it
+    shared = result["settings"].get("shared_prompts", False)
     for row in result["rows"]:
         m = row["measured"]
         if "mem/device" not in m:
@@ -127,7 +128,7 @@ def rescore(path: str) -> None:
         knobs = {**row["plan"]["knobs"], "prompts_per_step": m["prompts_per_step"]}
         g = budget.geometry_from_config(budget.PUBLIC_CONFIGS[row["geometry"]])
         bd = budget.estimate(g, budget.Settings(**knobs), row["plan"]["prompt_len"], caps, encoder_bytes=0,
-                             shared_prefill=shared)
+                             shared_prompts=shared)
         now = {"generate": bd.fixed + bd.generation, "train": bd.fixed + bd.training, "device": bd.peak}
         row["rescored"] = {f"error_{k}": round((v - m[f"mem/{k}"]) / m[f"mem/{k}"], 3) for k, v in now.items()}
         row["rescored"]["error_needed"] = round((bd.peak - row["needed_bytes"]) / row["needed_bytes"], 3)
@@ -136,7 +137,7 @@ def rescore(path: str) -> None:
               f"train {row['error_train']:+.1%} needed {ran_needed:+.1%}   now: gen {row['rescored']['error_generate']:+.1%} "
               f"train {row['rescored']['error_train']:+.1%} needed {row['rescored']['error_needed']:+.1%} "
               f"(device incl. allocator cache {row['rescored']['error_device']:+.1%})")
-    result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "shared_prefill": shared,
+    result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "shared_prompts": shared,
                           "what": "errors of the current planner's constants for the same settings and the same "
                                   "generation code as measured (rows[].rescored)"}
     write_atomic(path, result)
@@ -222,7 +223,7 @@ def main() -> None:
                       "tokens, 200-token completions): planned vs measured peak allocated bytes per phase, and "
                       "device bytes (allocator reserve + CUDA context) vs V",
               "settings": {"group_size": 16, "max_prompt_tokens": 256, "max_new_tokens": 200, "method": "r1",
-                           "shared_prefill": True,
+                           "shared_prompts": True,
                            "steps": args.steps, "headline rows (P=16)": [f"{m} {v}" for m, v in HEADLINE]},
               "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     measured_by_knobs: dict[str, dict] = {}

@@ -87,17 +87,19 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
     assert all(p.dtype == torch.float32 for p in lora)
     opt = torch.optim.AdamW(lora, lr=5e-6, betas=(0.9, 0.99), weight_decay=0.1)
 
-    # a left-padded micro-batch: prompt lengths 150..192, completions of TC tokens
+    # a left-padded micro-batch of b/group prompts (lengths 150..192), each repeated for `group` rows as in a
+    # GRPO batch, so the rows of a group share their prompt's pass; completions of TC tokens
     gen = torch.Generator().manual_seed(0)
-    t = TP + TC
 
-    def batch(b: int, tp: int, tc: int):
-        ids = torch.randint(3, MODEL["vocab_size"], (b, tp + tc), generator=gen)
-        mask = torch.ones(b, tp + tc, dtype=torch.long)
-        for row in range(b):
+    def batch(b: int, tp: int, tc: int, group: int = 1):
+        prompts = torch.randint(3, MODEL["vocab_size"], (b // group, tp), generator=gen)
+        pmask = torch.ones_like(prompts)
+        for row in range(len(prompts)):
             pad = int(torch.randint(0, tp - 150 + 1, (1,), generator=gen)) if tp > 150 else 0
-            ids[row, :pad], mask[row, :pad] = 0, 0
-        return ids, mask
+            prompts[row, :pad], pmask[row, :pad] = 0, 0
+        completions = torch.randint(3, MODEL["vocab_size"], (b, tc), generator=gen)
+        ids = torch.cat([prompts.repeat_interleave(group, 0), completions], 1)  # [b, tp + tc]
+        return ids, torch.cat([pmask.repeat_interleave(group, 0), torch.ones_like(completions)], 1)
 
     def completion_logprobs(ids, mask, tc: int, chunk: int):  # [B, Tc]: tinyrl's own code path
         return policy.completion_logprobs(model, ids, mask, tc, chunk)
@@ -119,14 +121,14 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
 
     # warm-up on a small batch: thread pools, kernels, the optimizer's moments (a "fixed" term in the planner)
     model.train()
-    wid, wmask = batch(2, 160, 16)
+    wid, wmask = batch(2, 160, 16, 2)
     forward_backward(wid, wmask, reference(wid, wmask, 16, 1), 16, 1)
     step()
     model.eval()
     with torch.no_grad():
         model.generate(input_ids=wid[:, :160], attention_mask=wmask[:, :160], max_new_tokens=4, do_sample=True)
 
-    ids, mask = batch(MICRO, TP, TC)
+    ids, mask = batch(MICRO, TP, TC, GROUP)
     model.train()
     ref_peak, ref = measure(lambda: reference(ids, mask, TC, chunk))
 
@@ -168,7 +170,8 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
     term = {x.name: x.bytes for x in bd.terms}
     kept = term["checkpoint boundaries"] if ckpt else term["activations of all layers"]
     layer = term["one layer recomputed + its backward"] if ckpt else term["one layer's backward"]
-    fb_est = (term["LoRA grads (fp32)"] + kept + term["final norm + hidden"] + term["loss working set"]
+    fb_est = (term["LoRA grads (fp32)"] + kept + term.get("shared prompts' K/V", 0) + term["final norm + hidden"]
+              + term["loss working set"]
               + max(term["log-prob chunk (with grads)"], layer))
     def row(phase, measured, estimated):
         return {"phase": phase, "measured_bytes": measured, "estimated_bytes": estimated,

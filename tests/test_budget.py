@@ -137,8 +137,9 @@ def test_rows_of_a_group_share_their_prompt_in_training():
     assert bd.term("shared prompts' K/V").bytes == 2 * 2 * 32 * 6 * 2  # 2·L·KV·hd·kt·Tp·c = 1536
     no_ckpt = estimate(TINY, tiny_settings(micro_batch=2, grad_checkpointing=False), prompt_len=6)
     saved = budget.layer_saved_bytes_per_token(TINY, 8, 2, 10)
-    repeated = 2 * 6 * 2 * (64 + 32) * 2  # B·Tp·2·(H+KV)·hd·c: the prompt's K/V for both rows, all heads
-    assert no_ckpt.term("activations of all layers").bytes == 2 * (14 * saved + repeated)
+    repeated = 2 * 6 * 2 * 64 * 2  # B·Tp·2·H·hd·c: the prompt's K/V for both rows, repeated to all heads
+    # the prompt's pass through the last layer feeds nothing but its K/V: L·n - kt·Tp = 2·14 - 6 token-layers
+    assert no_ckpt.term("activations of all layers").bytes == (2 * 14 - 6) * saved + 2 * repeated
     sliding = replace(TINY, full_attention=False)  # such models score each row on its own (policy.can_share_prompt)
     assert estimate(sliding, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6).term(
         "checkpoint boundaries").bytes == 5120

@@ -607,8 +607,9 @@ def estimate(
 
     # training: reference pass, then forward/backward of one micro-batch, then the optimiser step -------
     # With shared prompts the kt distinct prompts of a micro-batch run once (kt·Tp tokens) and its B completions
-    # (B·Tc tokens) attend to them; the prompts' K/V stay alive for the whole pass, and the layer at work holds
-    # them repeated for B rows and H heads.
+    # (B·Tc tokens) attend to them; the prompts' K/V stay alive for the whole pass, and each layer's attention
+    # keeps them repeated for B rows and H heads. The prompts' pass through the last layer feeds nothing (only its
+    # K/V are read), so autograd keeps L-1 layers' worth of it.
     b, k = s.micro_batch, s.logprob_chunk
     kt = prefill_rows(b, s.group_size)
     shared = shared_prompts and g.full_attention and kt < b and tp > 1
@@ -617,22 +618,23 @@ def estimate(
     grads = add("training", "LoRA grads (fp32)", 4 * n_lora, "4 B per LoRA param")
     shared_kv = add("training", "shared prompts' K/V", kv_per_token * kt * tp,
                     f"2·L·KV·hd·kt·Tp·c = {kv_per_token}·{kt}·{tp}, kt = distinct prompts of B rows") if shared else 0
-    repeat_kv = b * tp * 2 * (g.q_dim + g.kv_dim) * c if shared else 0
+    repeat_kv = b * tp * 2 * g.q_dim * c if shared else 0
     ref_tok = layer_nograd_bytes_per_token(g, c, t, caps.fused_attention)
     ref = add("training", "reference pass (no grad)",
-              shared_kv + repeat_kv + n * D * c + max(n * ref_tok, k * tc * V * LOGPROB_NOGRAD_BYTES),
-              f"K/V + n·D·c + max(n·one layer, chunk·Tc·V·{LOGPROB_NOGRAD_BYTES}), n = {tokens}"
-              + (" + B·Tp·2·(H+KV)·hd·c" if shared else ""))
+              shared_kv + n * D * c + max(n * ref_tok + repeat_kv, k * tc * V * LOGPROB_NOGRAD_BYTES),
+              f"K/V + n·D·c + max(n·one layer{' + B·Tp·2·H·hd·c' if shared else ''}, "
+              f"chunk·Tc·V·{LOGPROB_NOGRAD_BYTES}), n = {tokens}")
     saved = layer_saved_bytes_per_token(g, s.lora_rank, c, t, caps.fused_attention)
     back = layer_backward_bytes_per_token(g, c)
     if s.grad_checkpointing:
         kept = add("training", "checkpoint boundaries", L * n * D * c, f"L·n·D·c, n = {tokens}")
         layer = add("training", "one layer recomputed + its backward", n * (saved + back)
                     + repeat_kv, f"n·(saved + grads) = {n}·({saved} + {back})"
-                    + (f" + B·Tp·2·(H+KV)·hd·c = {repeat_kv}" if shared else ""))
+                    + (f" + B·Tp·2·H·hd·c = {repeat_kv}" if shared else ""))
     else:
-        kept = add("training", "activations of all layers", L * (n * saved + repeat_kv),
-                   f"L·n·saved = {L}·{n}·{saved}" + (f" + L·B·Tp·2·(H+KV)·hd·c" if shared else ""))
+        kept = add("training", "activations of all layers", (L * n - (kt * tp if shared else 0)) * saved
+                   + L * repeat_kv, f"L·n·saved = {L}·{n}·{saved}" if not shared else
+                   f"((L·n - kt·Tp)·saved + L·B·Tp·2·H·hd·c = ({L}·{n} - {kt}·{tp})·{saved} + {L}·{repeat_kv}")
         layer = add("training", "one layer's backward", n * back, f"n·grads = {n}·{back}")
     kept += shared_kv
     final = add("training", "final norm + hidden", b * tc * D * (4 + c) if shared else n * D * (4 + c),
