@@ -135,13 +135,6 @@ def test_each_batch_cache_is_freed_before_the_next_prefill(tiny_model, monkeypat
     assert len(made) == 3 and alive_at_next == [False] * 3  # 6 rows in 3 batches; no cache outlived its batch
 
 
-def test_models_with_their_own_cache_type_get_hf_prefill(tiny_model):
-    model, tok = load(tiny_model)
-    assert policy.can_share_prefill(model)
-    policy.causal_lm(model).generation_config.cache_implementation = "static"
-    assert not policy.can_share_prefill(model)
-
-
 def grads_after(model, ids, mask):
     model.zero_grad()
     policy.completion_logprobs(model, ids, mask, 4, 2).sum().backward()
@@ -256,3 +249,56 @@ def test_shared_prompt_scoring_on_qwen2():
     assert g1.keys() == g2.keys()
     for name in g1:
         assert torch.allclose(g1[name], g2[name], atol=1e-4), name
+
+
+def test_next_tokens_samples_the_tempered_softmax_and_its_nucleus():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(40_000, 1)  # [40000, 4]
+    freq = torch.bincount(policy.next_tokens(logits, 1.0, 1.0, False), minlength=4) / 40_000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.01)
+    hot = torch.softmax(logits[0] / 0.5, -1)  # temperature 0.5 sharpens: [0.68, 0.25, 0.06, 0.007]
+    freq = torch.bincount(policy.next_tokens(logits, 0.5, 1.0, False), minlength=4) / 40_000
+    assert torch.allclose(freq, hot, atol=0.01)
+    # top_p 0.7: the smallest head reaching 0.7 is {0.5, 0.3}, renormalised to 0.625 / 0.375
+    freq = torch.bincount(policy.next_tokens(logits, 1.0, 0.7, False), minlength=4) / 40_000
+    assert freq[2] == freq[3] == 0 and abs(freq[0] - 0.625) < 0.01
+
+
+def test_sampling_ignores_the_models_generation_defaults(tiny_model):
+    """What is sampled is what training scores: a repetition penalty or top-k in the model's generation_config
+    (Qwen2.5-Instruct ships both) must not bend the samples. HF `generate` would apply them."""
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
+
+    def run(greedy):
+        torch.manual_seed(0)
+        return policy.generate(model, tok, prompts, group_size=2, max_new_tokens=16, gen_batch=4,
+                               greedy=greedy).completion_ids
+
+    clean = run(True), run(False)
+    config = policy.causal_lm(model).generation_config
+    with torch.no_grad():  # HF's own greedy decoding agrees with tinyrl's on a model without defaults
+        hf = policy.causal_lm(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                              pad_token_id=tok.pad_token_id, eos_token_id=policy.eos_ids(model, tok))
+    hf = torch.nn.functional.pad(hf[:, ids.shape[1]:], (0, 16 - (hf.shape[1] - ids.shape[1])), value=tok.pad_token_id)
+    assert torch.equal(clean[0][::2], hf)
+    config.repetition_penalty, config.top_k, config.no_repeat_ngram_size = 100.0, 1, 2
+    assert torch.equal(run(True), clean[0]) and torch.equal(run(False), clean[1])
+
+
+def test_min_new_tokens_holds_eos_back_and_decoding_stops_when_all_rows_end(tiny_model):
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
+    head = policy.causal_lm(model).get_output_embeddings()
+    steps = []
+    hook = head.register_forward_hook(lambda m, args, out: (steps.append(1), out.index_add(
+        -1, torch.tensor([tok.eos_token_id]), torch.full((*out.shape[:-1], 1), 50.0)))[1])  # EOS all but certain
+    try:
+        out = policy.generate(model, tok, prompts, group_size=2, max_new_tokens=20, gen_batch=4, min_new_tokens=5)
+    finally:
+        hook.remove()
+    assert (out.completion_mask.sum(-1) == 6).all()  # 5 tokens, then the EOS
+    assert (out.completion_ids[:, 5] == tok.eos_token_id).all() and not out.truncated.any()
+    assert len(steps) == 6  # stopped once every row had ended, not after 20 steps

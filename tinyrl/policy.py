@@ -188,13 +188,6 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return cache
 
 
-def can_share_prefill(model) -> bool:
-    """A model that brings its own cache type (e.g. a hybrid or sliding-window static cache set in its generation
-    config) gets HF's own prefill; shared_prefill builds the default DynamicCache."""
-    gen = getattr(causal_lm(model), "generation_config", None)
-    return getattr(gen, "cache_implementation", None) is None
-
-
 def cache_keyword(model) -> str:
     """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
     return _cache_keyword(type(causal_lm(model).get_decoder()))
@@ -215,7 +208,8 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
              temperature: float = 0.9, top_p: float = 1.0, min_new_tokens: int = 0, greedy: bool = False,
              share_prefill: bool = True) -> Rollouts:
     """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache. With share_prefill
-    (and G > 1) each prompt of a batch is prefilled once for all its completions in that batch."""
+    (and G > 1) each prompt of a batch is prefilled once for all its completions in that batch (`shared_prefill`),
+    then `decode` samples from the policy itself."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -224,19 +218,18 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     prompt_ids, prompt_mask = prompts.input_ids.to(device), prompts.attention_mask.to(device)  # [P, Tp]
     ids = prompt_ids.repeat_interleave(group_size, 0)  # [P*G, Tp]
     mask = prompt_mask.repeat_interleave(group_size, 0)  # [P*G, Tp]
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
-                                                     "top_k": 0}
-    share = share_prefill and group_size > 1 and ids.shape[1] > 1 and can_share_prefill(model)
     chunks = []
     for s in range(0, ids.shape[0], gen_batch):
         rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
-        cache = {cache_keyword(model): shared_prefill(model, prompt_ids, prompt_mask, rows // group_size)} \
-            if share else {}
-        out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True,
-                             **cache, **sampling)  # [b, Tp+Tc']
+        if ids.shape[1] == 1:  # nothing to prefill: decode starts from the only prompt token
+            cache = None
+        elif share_prefill and group_size > 1:
+            cache = shared_prefill(model, prompt_ids, prompt_mask, rows // group_size)
+        else:
+            cache = shared_prefill(model, ids, mask, rows)  # every row its own prompt
+        new = decode(model, ids[rows], mask[rows], cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                     eos=eos, pad=pad, temperature=temperature, top_p=top_p, greedy=greedy)  # [b, Tc']
         del cache  # this batch's full KV cache: free it before the next batch's prefill
-        new = out[:, ids.shape[1]:]  # [b, Tc']
         chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
     completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
     cmask = completion_mask(completion_ids, eos)  # [P*G, Tc]
@@ -247,6 +240,59 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     model.train(was_training)
     return Rollouts(prompts=prompts, group_size=group_size, completion_ids=completion_ids, completion_mask=cmask,
                     completions=texts, truncated=~has_eos)
+
+
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *, max_new_tokens: int,
+           min_new_tokens: int, eos: list[int], pad: int, temperature: float, top_p: float,
+           greedy: bool) -> torch.Tensor:
+    """Continue b left-padded prompts whose KV cache holds all but their last token (or None for 1-token
+    prompts): [b, Tc'] new tokens, pad after a row's first EOS, stopping early once every row has ended.
+
+    tinyrl's own loop rather than HF `generate`, which applies the model's generation_config defaults (e.g.
+    Qwen2.5-Instruct's repetition_penalty 1.1 and top_k 20): those would sample from a different distribution
+    than the log-probs that training computes. Here each token is drawn from softmax(logits / temperature), cut to
+    the top-p nucleus when top_p < 1, and the LM head runs on the last position only.
+    """
+    causal = causal_lm(model)
+    decoder, head, keyword = causal.get_decoder(), causal.get_output_embeddings(), cache_keyword(model)
+    eos_t = torch.tensor(eos, device=input_ids.device)
+    token = input_ids[:, -1:]  # [b, 1] the last prompt token, not yet in the cache
+    position = attention_mask.sum(-1, keepdim=True) - 1  # [b, 1] its position (left padding aware)
+    mask, done, new = attention_mask, torch.zeros_like(token[:, 0], dtype=torch.bool), []
+    for step in range(max_new_tokens):
+        out = decoder(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True, **{keyword: cache})
+        cache = out[keyword]
+        logits = head(out.last_hidden_state[:, -1]).float()  # [b, V]
+        if step < min_new_tokens:
+            logits[:, eos_t] = -torch.inf
+        token = torch.where(done, pad, next_tokens(logits, temperature, top_p, greedy))  # [b]
+        new.append(token)
+        done |= torch.isin(token, eos_t)
+        if bool(done.all()):
+            break
+        token, position = token[:, None], position + 1  # [b, 1]
+        mask = torch.cat([mask, torch.ones_like(token)], -1)  # [b, T+1]
+    return torch.stack(new, -1)  # [b, Tc']
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+    """One token per row: the argmax, or a draw from softmax(logits / temperature) restricted to the smallest set
+    of most likely tokens whose mass reaches top_p (all of them at top_p = 1). Sampled by inverting the CDF with
+    one uniform per row (torch.rand, so torch.manual_seed makes it repeatable).
+
+    >>> next_tokens(torch.tensor([[0.0, 3.0, 1.0]]), 1.0, 1.0, greedy=True).tolist()
+    [1]
+    """
+    if greedy:
+        return logits.argmax(-1)  # [b]
+    probs = torch.softmax(logits / temperature, -1)  # [b, V]
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)  # [b, V]
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
+    cdf = probs.cumsum(-1)  # [b, V]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # [b, 1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # [b]
 
 
 def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
