@@ -14,7 +14,7 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
     model in the compute dtype; embeddings, lm_head and norms always in the compute dtype;
   - LoRA on q, k, v, o, gate, up, down of every layer; LoRA weights, grads and both AdamW moments in fp32;
     grads freed between steps (`zero_grad(set_to_none=True)`);
-  - generation: HF `generate` with a DynamicCache, Bg sequences at a time; the distinct prompts of those Bg are
+  - generation: policy.decode with a DynamicCache, Bg sequences at a time; the distinct prompts of those Bg are
     prefilled once and their cache rows repeated for each completion (policy.shared_prefill);
   - training: the no-grad reference pass (adapter disabled) of a micro-batch, then its forward/backward;
     the distinct prompts of a micro-batch run once and each row's completion attends to its prompt's K/V
@@ -59,7 +59,7 @@ NF4_BLOCK = 64  # bitsandbytes NF4: one absmax per 64 weights ...
 NF4_BLOCK2 = 256  # ... and with double quantisation those absmax are uint8, with an fp32 scale per 256 of them
 NF4_STATE_BYTES = 16 * 4 + 256 * 4 + 4  # per layer: NF4 code table, nested 8-bit code table, offset
 
-SAMPLING_FP32_COPIES = 6  # per decode step: fp32 logits copy, temperature, top-k fill + mask, probs, multinomial
+SAMPLING_FP32_COPIES = 6  # per decode step (policy.next_tokens): fp32 logits, temperature, probs, CDF, top-p sort + scatter
 # per log-prob element in backward (policy._token_logprobs: gather - logsumexp): the fp32 logits, logsumexp's
 # softmax temporary, and the two logits grads (from gather and from logsumexp) before they are summed. Measured:
 # 4 B/element above 12 on an H200 (bf16, bench/budget.py) and on CPU (fp32 and bf16, bench/budget_cpu.py).

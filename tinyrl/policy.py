@@ -173,10 +173,10 @@ def completion_mask(ids: torch.Tensor, eos: list[int]) -> torch.Tensor:
 
 def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, owners: torch.Tensor):
     """The KV cache of len(owners) sequences whose prompts are rows `owners` of input_ids, each distinct prompt
-    prefilled once (all but its last token, which `generate` feeds itself) and its cache rows repeated.
+    prefilled once (all but its last token, which `decode` feeds first) and its cache rows repeated.
 
     The G completions of a prompt share it, so the prefill costs P rows of compute and working memory, not P*G.
-    Runs the decoder only: no logits for prompt positions. Positions follow `generate`'s (cumsum of the mask).
+    Runs the decoder only: no logits for prompt positions. Positions are the cumsum of the mask, as in `decode`.
     """
     unique, inverse = torch.unique(owners, return_inverse=True)  # [k], [b]
     ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]  # [k, Tp-1]
@@ -327,7 +327,7 @@ def completion_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Te
     """The decoder's last hidden state before each completion token: [B, Tc, H].
 
     The G rows of a GRPO group repeat one prompt. Their distinct prompts (all but the last token) run through the
-    decoder once, and every row's completion attends to its prompt's keys and values (`_PromptKV`). That is
+    decoder once, and every row's completion attends to its prompt's keys and values (`_prompt_kv_class`). That is
     exactly the per-row computation, gradients included: a prompt's K/V feed all its rows, so backward sums them.
     It saves (G-1)/G of the prompt tokens' compute and activations, forward and backward.
     """
