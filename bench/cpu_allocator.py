@@ -1,10 +1,10 @@
 """How much of tinyrl's CPU peak RSS is glibc keeping freed memory, and what giving it back costs in time.
 
-Runs 3 steps of `tinyrl fit` at the vs-TRL geometry (SmolLM2-135M, GSM8K, P=2 G=4, exactly 64 new tokens,
+Runs 5 steps of `tinyrl fit` at the vs-TRL geometry (SmolLM2-135M, GSM8K, P=2 G=4, exactly 64 new tokens,
 micro-batch 8, checkpointing, fp32) once per glibc setting, each in its own process, and records the median
 s/step and the largest per-phase peak RSS (`mem/train`, `mem/generate`). Writes bench/results/cpu_allocator.json.
 
-    OMP_NUM_THREADS=2 python bench/cpu_allocator.py     # ~5 min on 2 cores; needs ../shared/data/gsm8k
+    OMP_NUM_THREADS=2 python bench/cpu_allocator.py     # ~7 min on 2 cores; needs ../shared/data/gsm8k
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ DATA = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 SETTINGS = {  # name -> environment for the child (glibc reads these at start-up)
     "glibc defaults": {},
     "MALLOC_MMAP_THRESHOLD_=4194304 (allocations >= 4 MiB mmap'd)": {"MALLOC_MMAP_THRESHOLD_": "4194304"},
+    "MALLOC_MMAP_THRESHOLD_=1048576 (allocations >= 1 MiB mmap'd)": {"MALLOC_MMAP_THRESHOLD_": "1048576"},
     "MALLOC_MMAP_THRESHOLD_=65536 (allocations >= 64 KiB mmap'd)": {"MALLOC_MMAP_THRESHOLD_": "65536"},
-    "MALLOC_TRIM_THRESHOLD_=0 (heap top trimmed on every free)": {"MALLOC_TRIM_THRESHOLD_": "0"},
 }
 
 
@@ -35,7 +35,7 @@ def child(out: str) -> None:
     from tinyrl import loop
     from tinyrl.config import Config
 
-    cfg = Config(task="gsm8k", data=DATA, model="smollm2-135m", out=out, steps=3, prompts_per_step=2, group_size=4,
+    cfg = Config(task="gsm8k", data=DATA, model="smollm2-135m", out=out, steps=5, prompts_per_step=2, group_size=4,
                  micro_batch=8, gen_batch=8, logprob_chunk=4, max_new_tokens=64, min_new_tokens=64, dtype="fp32",
                  device="cpu", quant="none", threads=2, save_every=100, sample_every=100)
     loop.fit(cfg, quiet=True)
@@ -62,7 +62,7 @@ def main() -> None:
         print(f"{name:<62} {row['median_step_s']:6.1f} s/step   peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
     import torch
 
-    result = {"what": "tinyrl fit, 3 steps per setting (median s/step of steps 2-3; largest per-phase peak RSS)",
+    result = {"what": "tinyrl fit, 5 steps per setting (median s/step of steps 2-5; largest per-phase peak RSS)",
               "config": "SmolLM2-135M, GSM8K, P=2 G=4, 64 new tokens forced, micro-batch 8, checkpointing, fp32",
               "hardware": {"cpu": cpu_name(), "threads": 2, "torch": torch.__version__},
               "date": time.strftime("%Y-%m-%d"), "rows": rows}

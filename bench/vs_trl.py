@@ -210,6 +210,8 @@ def child_tinyrl(model: str, data: str, steps: int, device: str) -> dict:
         peak = max(peak, max(max(r.get("mem/generate", 0), r.get("mem/train", 0), r.get("mem/score", 0))
                              for r in rows))
     out = step_summary([r["time/step"] for r in rows], [r["time/generate"] for r in rows])
+    for phase in ("score", "train"):  # the rest of tinyrl's step, phase by phase (TRL's is not split)
+        out[f"median_{phase}_s"] = round(statistics.median([r[f"time/{phase}"] for r in rows][1:] or [0.0]), 3)
     out.update({"tool": "tinyrl", "steps": len(rows), "wall_s": round(wall, 1), "peak_rss_bytes": peak,
                 "completion_len_mean": statistics.mean(r["len/mean"] for r in rows),
                 "reward_mean": statistics.mean(r["reward/total"] for r in rows),
@@ -547,6 +549,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": command + (" --trl-flush-denormal" if a.trl_flush_denormal else ""),
         "trl_flush_denormal": a.trl_flush_denormal,
+        # glibc's allocator setting, if any: both children inherit it (docs/memory.md, bench/cpu_allocator.py)
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "model": model, "data": os.path.join(data, "train.jsonl"), "config": shared_settings(a.device),
         "counted": f"steps 2..{a.steps} of each run (step 1 is warm-up)"}
     if a.time_limit is not None:
