@@ -183,7 +183,13 @@ def test_shared_prompt_scoring_equals_per_row(tiny_model, monkeypatch, checkpoin
         ref = policy.reference_logprobs(model, ids, mask, tc, 2)
         return logp.detach(), ref, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    decoder = policy.causal_lm(model).get_decoder()
+    rows_seen = []
+    hook = decoder.register_forward_pre_hook(lambda m, args, kwargs: rows_seen.append(len(kwargs["input_ids"])),
+                                             with_kwargs=True)
     shared = run()
+    assert rows_seen[:2] == [2, 6]  # the 2 prompts once, then the 6 completions: the shared path ran
+    hook.remove()
     monkeypatch.setattr(policy, "can_share_prompt", lambda decoder: False)
     per_row = run()
     assert torch.allclose(shared[0], per_row[0], atol=1e-5) and torch.allclose(shared[1], per_row[1], atol=1e-5)
@@ -244,6 +250,7 @@ def test_shared_prompt_scoring_on_qwen2():
         hidden.pow(2).sum().backward()
         return hidden.detach(), {n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None}
 
+    assert policy.can_share_prompt(decoder)  # so run(True) really takes the shared path
     (h1, g1), (h2, g2) = run(True), run(False)
     assert torch.allclose(h1, h2, atol=1e-5)
     assert g1.keys() == g2.keys()
@@ -265,8 +272,8 @@ def test_next_tokens_samples_the_tempered_softmax_and_its_nucleus():
 
 
 def test_sampling_ignores_the_models_generation_defaults(tiny_model):
-    """What is sampled is what training scores: a repetition penalty or top-k in the model's generation_config
-    (Qwen2.5-Instruct ships both) must not bend the samples. HF `generate` would apply them."""
+    """Only the sampling settings tinyrl asks for shape the samples: a repetition penalty or top-k in the model's
+    generation_config (Qwen2.5-Instruct ships both) must not. HF `generate` would apply them."""
     model, tok = load(tiny_model)
     ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
     prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
@@ -302,3 +309,34 @@ def test_min_new_tokens_holds_eos_back_and_decoding_stops_when_all_rows_end(tiny
     assert (out.completion_mask.sum(-1) == 6).all()  # 5 tokens, then the EOS
     assert (out.completion_ids[:, 5] == tok.eos_token_id).all() and not out.truncated.any()
     assert len(steps) == 6  # stopped once every row had ended, not after 20 steps
+
+
+def test_one_token_prompts_are_scored_row_by_row(tiny_model):
+    """Nothing to share when the prompt is a single token: the per-row path, same values."""
+    model, tok = load(tiny_model)
+    ids = torch.tensor([[3, 10, 11], [3, 12, 13]])  # a 1-token prompt, 2-token completions
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = policy.completion_logprobs(model, ids, mask, 2, 2)
+        want = full_logprobs(model, ids, mask, 2)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_planner_and_policy_agree_on_prompt_sharing_support(monkeypatch):
+    """Where transformers lacks the checkpoint switch the policy scores each row, and so does the plan."""
+    from tinyrl import loop
+    from tinyrl.config import Config
+
+    assert policy.prompt_sharing_available()  # the installed transformers has it
+    cfg = Config(task="toy", model="smollm2-135m", vram="2G")
+    shared = loop.make_plan(cfg, frozenset(), budget_caps())
+    monkeypatch.setattr(policy, "prompt_sharing_available", lambda: False)
+    assert not policy.can_share_prompt(torch.nn.Module())
+    per_row = loop.make_plan(cfg, frozenset(), budget_caps())
+    assert per_row.breakdown.training > shared.breakdown.training
+
+
+def budget_caps():
+    from tinyrl import budget
+
+    return budget.device_caps("T4")

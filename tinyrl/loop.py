@@ -162,6 +162,8 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
     rendered with the model's tokenizer when one is at hand (else the prompt cap), the user's settings pinned."""
     name = "HuggingFaceTB/SmolLM2-135M-Instruct" if cfg.model in policy.ALIASES else cfg.model
     geometry = budget.geometry_from_config(budget.load_model_config(name), name=cfg.model)
+    if not policy.prompt_sharing_available():  # this transformers scores every row with its own prompt
+        geometry = dataclasses.replace(geometry, full_attention=False)
     lengths = [cfg.max_prompt_tokens]
     try:
         sample = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, 64)

@@ -249,9 +249,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, 
     prompts): [b, Tc'] new tokens, pad after a row's first EOS, stopping early once every row has ended.
 
     tinyrl's own loop rather than HF `generate`, which applies the model's generation_config defaults (e.g.
-    Qwen2.5-Instruct's repetition_penalty 1.1 and top_k 20): those would sample from a different distribution
-    than the log-probs that training computes. Here each token is drawn from softmax(logits / temperature), cut to
-    the top-p nucleus when top_p < 1, and the LM head runs on the last position only.
+    Qwen2.5-Instruct's repetition_penalty 1.1 and top_k 20) on top of the settings asked for: a penalty on tokens
+    already written, which the loss knows nothing of. Here each token is drawn from exactly softmax(logits /
+    temperature), cut to the top-p nucleus when top_p < 1, and the LM head runs on the last position only.
     """
     causal = causal_lm(model)
     decoder, head, keyword = causal.get_decoder(), causal.get_output_embeddings(), cache_keyword(model)
@@ -290,7 +290,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
         sorted_p, order = probs.sort(-1, descending=True)  # [b, V]
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
-    cdf = probs.cumsum(-1)  # [b, V]
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # [b, V] float64: fp32 steps of 6e-8 near 1 would drop tokens
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # [b, 1]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # [b]
 
@@ -333,9 +333,11 @@ def completion_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     n_prefix = input_ids.shape[1] - n_completion - 1  # prompt tokens that only feed the cache
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding aware
-    prefix = torch.cat([input_ids[:, :n_prefix], attention_mask[:, :n_prefix]], -1)  # [B, 2*n_prefix]
-    unique, owner = torch.unique(prefix, dim=0, return_inverse=True)  # [k, 2*n_prefix], [B]
-    if n_prefix < 1 or len(unique) == len(prefix) or not can_share_prompt(decoder):
+    unique = owner = None
+    if n_prefix >= 1 and can_share_prompt(decoder):
+        prefix = torch.cat([input_ids[:, :n_prefix], attention_mask[:, :n_prefix]], -1)  # [B, 2*n_prefix]
+        unique, owner = torch.unique(prefix, dim=0, return_inverse=True)  # [k, 2*n_prefix], [B]
+    if unique is None or len(unique) == len(input_ids):  # nothing to share
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state  # [B, T, H]
         return hidden[:, -n_completion - 1:-1]  # [B, Tc, H]
@@ -353,7 +355,8 @@ def completion_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Te
 @functools.lru_cache(maxsize=None)
 def _prompt_kv_class():
     """A KV cache that never changes what it holds, so a gradient-checkpoint replay of a layer sees the same keys
-    and values as the first pass. Empty, it records each layer's prompt K/V; `for_rows(owner)` gives a cache that
+    and values as the first pass. Empty, it records each layer's prompt K/V once (a replay's recomputed copies are
+    not kept); `for_rows(owner)` gives a cache that
     answers each layer with row `owner[i]`'s prompt K/V followed by the new tokens'."""
     from transformers import DynamicCache
 
@@ -365,8 +368,8 @@ def _prompt_kv_class():
                 DynamicCache.update(self, k[:1, :1].detach(), v[:1, :1].detach(), layer)
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            if self.owner is None:  # the prompt pass: record (a replay records the same states again)
-                self.kv[layer_idx] = (key_states, value_states)
+            if self.owner is None:  # the prompt pass: record once (a checkpoint replay recomputes the same
+                self.kv.setdefault(layer_idx, (key_states, value_states))  # states; the first ones stay)
                 return key_states, value_states
             k, v = self.kv[layer_idx]  # [k, h, Tp, d]
             return torch.cat([k[self.owner], key_states], -2), torch.cat([v[self.owner], value_states], -2)
@@ -377,9 +380,26 @@ def _prompt_kv_class():
     return PromptKV
 
 
+@functools.lru_cache(maxsize=None)
+def prompt_sharing_available() -> bool:
+    """Whether the installed transformers has the per-layer switch that keeps a read-only cache through gradient
+    checkpointing (`GradientCheckpointingLayer._can_checkpoint_with_cache`). Read from its source rather than
+    imported, so the planner can ask in a blink."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        with open(os.path.join(spec.submodule_search_locations[0], "modeling_layers.py")) as f:
+            return "_can_checkpoint_with_cache" in f.read()
+    except OSError:
+        return False
+
+
 def can_share_prompt(decoder) -> bool:
-    """Prompt sharing needs plain full attention in every layer (no sliding windows) and, under gradient
-    checkpointing, transformers' per-layer switch that keeps a read-only cache through the checkpoint."""
+    """Prompt sharing needs plain full attention in every layer (no sliding windows) and transformers' per-layer
+    switch that keeps a read-only cache through a gradient checkpoint (`prompt_sharing_available`)."""
+    if not prompt_sharing_available():
+        return False
     cfg = decoder.config  # the same rule as budget.full_attention, which plans for it
     if set(getattr(cfg, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return False
