@@ -648,7 +648,8 @@ def estimate(
         add("training", "dequantised weight (NF4 -> c)", dequant, "max(in·out)·c")
     fwd_bwd = kept + final + loss + max(chunk, layer)
     training = grads + max(ref, fwd_bwd, step) + dequant
-    training_rule = (f"grads + max(reference, {'boundaries' if s.grad_checkpointing else 'activations'} + final + "
+    training_rule = (f"grads + max(reference, {'shared K/V + ' if shared else ''}"
+                     f"{'boundaries' if s.grad_checkpointing else 'activations'} + final + "
                      f"loss + max(log-prob chunk, {'layer' if s.grad_checkpointing else 'backward'}), step)"
                      + (" + dequantised" if dequant else ""))
 
