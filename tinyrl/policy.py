@@ -180,12 +180,16 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     unique, inverse = torch.unique(owners, return_inverse=True)  # [k], [b]
     ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]  # [k, Tp-1]
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # [k, Tp-1]
-    out = causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+    out = causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                                          use_cache=True)
     cache = out[cache_keyword(model)]
     cache.batch_select_indices(inverse.to(ids.device))  # k rows -> b rows
     return cache
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (pads get 0 too; they are masked)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def cache_keyword(model) -> str:
@@ -208,7 +212,7 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
              temperature: float = 0.9, top_p: float = 1.0, min_new_tokens: int = 0, greedy: bool = False,
              share_prefill: bool = True) -> Rollouts:
     """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache. With share_prefill
-    (and G > 1) each prompt of a batch is prefilled once for all its completions in that batch (`shared_prefill`),
+    each prompt of a batch is prefilled once for all its completions in that batch (`shared_prefill`),
     then `decode` samples from the policy itself."""
     was_training = model.training
     model.eval()
@@ -221,12 +225,8 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     chunks = []
     for s in range(0, ids.shape[0], gen_batch):
         rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
-        if ids.shape[1] == 1:  # nothing to prefill: decode starts from the only prompt token
-            cache = None
-        elif share_prefill and group_size > 1:
-            cache = shared_prefill(model, prompt_ids, prompt_mask, rows // group_size)
-        else:
-            cache = shared_prefill(model, ids, mask, rows)  # every row its own prompt
+        source = (prompt_ids, prompt_mask, rows // group_size) if share_prefill else (ids, mask, rows)
+        cache = shared_prefill(model, *source) if ids.shape[1] > 1 else None  # 1-token prompts: nothing to prefill
         new = decode(model, ids[rows], mask[rows], cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                      eos=eos, pad=pad, temperature=temperature, top_p=top_p, greedy=greedy)  # [b, Tc']
         del cache  # this batch's full KV cache: free it before the next batch's prefill
@@ -332,7 +332,7 @@ def completion_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Te
     It saves (G-1)/G of the prompt tokens' compute and activations, forward and backward.
     """
     n_prefix = input_ids.shape[1] - n_completion - 1  # prompt tokens that only feed the cache
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding aware
+    position_ids = positions(attention_mask)  # [B, T]
     unique = owner = None
     if n_prefix >= 1 and can_share_prompt(decoder):
         prefix = torch.cat([input_ids[:, :n_prefix], attention_mask[:, :n_prefix]], -1)  # [B, 2*n_prefix]
