@@ -1,4 +1,4 @@
-"""Stage modules talk through tinyrl.types / config / errors only; loop.py (and the CLI) wire them."""
+"""Stage modules talk through tinyrl.types / config / errors / hub (a leaf: is the hub reachable) only; loop.py (and the CLI) wire them."""
 
 import ast
 import os
@@ -6,7 +6,7 @@ import os
 import tinyrl
 
 PKG = os.path.dirname(tinyrl.__file__)
-SHARED = {"types", "config", "errors"}
+SHARED = {"types", "config", "errors", "hub"}
 WIRING = {"loop", "cli", "__init__", "__main__"}
 
 

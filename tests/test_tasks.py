@@ -105,6 +105,7 @@ def test_hub_failure_is_one_line_with_the_fix(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k'\non the Hub (LocalEntryNotFoundError)")
 
+    monkeypatch.setattr(tasks.hub, "offline", lambda: False)  # the hub answers, then the download fails
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(UserError) as err:
         tasks.load_gsm8k(None, "train")
@@ -117,6 +118,7 @@ def test_hub_failure_is_one_line_with_the_fix(monkeypatch):
 
 def test_hub_rows_become_examples(monkeypatch):
     rows = [{"question": "Q", "answer": "w #### 4"}]
+    monkeypatch.setattr(tasks.hub, "offline", lambda: False)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
     assert tasks.load_gsm8k(None, "test") == [Example(question="Q", answer="4", index=0)]
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from tinyrl import hub
 from tinyrl.errors import UserError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -260,7 +261,7 @@ def load_model_config(model: str) -> dict[str, Any]:
     key = key or _PUBLIC_ALIASES.get(model.rsplit("/", 1)[-1].lower())
     if key:
         return {**PUBLIC_CONFIGS[key], "_name_or_path": key, "_source": "built-in"}
-    if "/" in model and not _offline():
+    if "/" in model and not hub.offline():
         try:  # the one network access; huggingface_hub is imported only here
             from huggingface_hub import hf_hub_download
 
@@ -268,11 +269,6 @@ def load_model_config(model: str) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - any failure is the same message to the user
             pass
     raise UserError(f"cannot read config.json of {model!r}: pass --model a local folder containing config.json")
-
-
-def _offline() -> bool:
-    flags = (os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag in ("1", "true", "yes") for flag in flags)
 
 
 def _read_json(path: Path, model: str, source: str) -> dict[str, Any]:
@@ -287,12 +283,12 @@ def _hf_cache_config(model: str) -> Path | None:
     """config.json of repo `model` in the local Hugging Face cache, or None (no network)."""
     if model.count("/") != 1:
         return None
-    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if not hub:
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not cache:
         home = os.environ.get("HF_HOME") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-        hub = os.path.join(home, "hub")
-    repo = Path(hub) / ("models--" + model.replace("/", "--"))
+        cache = os.path.join(home, "hub")
+    repo = Path(cache) / ("models--" + model.replace("/", "--"))
     ref = repo / "refs" / "main"
     if ref.is_file():
         config = repo / "snapshots" / ref.read_text().strip() / "config.json"

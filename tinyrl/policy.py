@@ -13,6 +13,7 @@ import tempfile
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tinyrl import hub
 from tinyrl.errors import UserError
 from tinyrl.types import PromptBatch, Rollouts
 
@@ -85,7 +86,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub.local_only(path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -118,7 +119,7 @@ def load_policy(model: str, *, quant: str, dtype: str, device: str, lora_rank: i
         kwargs["device_map"] = {"": dev}
     try:
         tokenizer = load_tokenizer(path)
-        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs, **hub.local_only(path))
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load model {model!r} ({reason}); pass --model a local folder "

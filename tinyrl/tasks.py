@@ -18,6 +18,7 @@ import json
 import random
 from pathlib import Path
 
+from tinyrl import hub
 from tinyrl.errors import UserError
 from tinyrl.types import Example
 
@@ -90,6 +91,9 @@ def _local_file(path: Path, split: str) -> Path:
 def load_gsm8k(path: str | None, split: str = "train") -> list[Example]:
     """GSM8K examples from the hub (path None) or a local jsonl/parquet file or folder; UserError on bad input."""
     if path is None:
+        if hub.offline():
+            raise UserError("the Hugging Face hub is unreachable, so openai/gsm8k cannot be downloaded; pass a local "
+                            "file with --data PATH (jsonl or parquet with 'question' and 'answer' fields)")
         try:
             import datasets
 
