@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tinyrl import meter
 
 HEALTHY = {"len/frac_at_cap": 0.1, "len/frac_short": 0.0, "groups/frac_zero_var": 0.2, "correct": 0.3,
@@ -40,3 +42,24 @@ def test_report_shows_first_and_last(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = meter.report(str(tmp_path))
     assert "reward/total" in text and "0.150 ->    0.950" in text
+
+
+def vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_cpu_phase_starts_without_the_last_ones_freed_heap():
+    import os
+
+    import torch
+
+    if not os.path.exists("/proc/self/status") or meter._malloc_trim() is None:
+        pytest.skip("needs Linux with glibc")
+    tensors = [torch.ones(25_000) for _ in range(2000)]  # 200 MB of 100 KB blocks: on glibc's heap, not mmap'd
+    kept = tensors[9::10]  # every tenth stays, so the freed blocks are holes that brk cannot give back
+    del tensors
+    before = vm_rss()
+    with meter.phase({}, {}, "next", torch.device("cpu")):
+        after = vm_rss()
+    assert before - after > 100 * 2**20 and len(kept) == 200

@@ -7,9 +7,9 @@ from tinyrl import policy
 from tinyrl.types import Example, PromptBatch
 
 
-def load(tiny_model, quant="none", checkpointing=False):
-    model, tok, _ = policy.load_policy(tiny_model, quant=quant, dtype="fp32", device="cpu", lora_rank=4,
-                                       lora_alpha=8, grad_checkpointing=checkpointing, seed=0)
+def load(tiny_model, quant="none", checkpointing=False, dtype="fp32", lora_alpha=8):
+    model, tok, _ = policy.load_policy(tiny_model, quant=quant, dtype=dtype, device="cpu", lora_rank=4,
+                                       lora_alpha=lora_alpha, grad_checkpointing=checkpointing, seed=0)
     with torch.no_grad():  # make the adapter non-zero so policy != reference
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -340,3 +340,41 @@ def budget_caps():
     from tinyrl import budget
 
     return budget.device_caps("T4")
+
+
+@pytest.mark.parametrize("quant,dtype", [("none", "fp32"), ("none", "bf16"), ("4bit", "bf16")])
+def test_lean_lora_is_bit_identical_to_peft_and_undone_after(tiny_model, quant, dtype):
+    if quant == "4bit":
+        pytest.importorskip("bitsandbytes")
+    model, tok = load(tiny_model, quant=quant, dtype=dtype, lora_alpha=6)  # scale 1.5: rounding order shows
+    model.eval()
+    ids, mask = batch(tok, ["a 12 + 3 = 15", "b 7"])
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with policy.lean_lora(model):
+            assert all("forward" in vars(m) for m in lora_layers) and len(lora_layers) >= 7
+            got = model(input_ids=ids, attention_mask=mask).logits
+        assert not any("forward" in vars(m) for m in lora_layers)  # peft's forward again
+        with model.disable_adapter(), policy.lean_lora(model):  # a disabled adapter keeps peft's own path
+            assert not any("forward" in vars(m) for m in lora_layers)
+    assert torch.equal(got, want)
+
+
+def test_generate_runs_lean_and_samples_what_peft_would(tiny_model, monkeypatch):
+    import contextlib
+
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
+
+    def sample():
+        torch.manual_seed(3)
+        return policy.generate(model, tok, prompts, group_size=2, max_new_tokens=10, gen_batch=4).completion_ids
+
+    lean, entered = sample(), []
+    real = policy.lean_lora
+    monkeypatch.setattr(policy, "lean_lora", lambda m: entered.append(m) or real(m))
+    assert torch.equal(sample(), lean) and entered == [model]
+    monkeypatch.setattr(policy, "lean_lora", lambda m: contextlib.nullcontext())
+    assert torch.equal(sample(), lean)  # peft's forward samples exactly the same tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import sys
@@ -14,15 +16,33 @@ import torch
 
 
 def reset_peak(device: torch.device) -> None:
-    """Start a phase: reset CUDA's peak counter, or on Linux the process' peak RSS (VmHWM) via clear_refs."""
+    """Start a phase: reset CUDA's peak counter, or on Linux hand freed heap pages back (`release_freed`) and
+    reset the process' peak RSS (VmHWM) via clear_refs, so a phase's peak is its own, not its predecessor's
+    leftovers (generation after training: 1.7 GiB peak RSS without, 1.2 GiB with, on bench/vs_trl.py's config)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    release_freed()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+
+
+def release_freed() -> bool:
+    """glibc keeps freed heap pages resident; malloc_trim(0) returns them to the OS. False where there is no
+    glibc (macOS, musl): nothing to do there."""
+    trim = _malloc_trim()
+    return bool(trim and trim(0) is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def peak_bytes(device: torch.device) -> int:

@@ -224,14 +224,16 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     ids = prompt_ids.repeat_interleave(group_size, 0)  # [P*G, Tp]
     mask = prompt_mask.repeat_interleave(group_size, 0)  # [P*G, Tp]
     chunks = []
-    for s in range(0, ids.shape[0], gen_batch):
-        rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
-        source = (prompt_ids, prompt_mask, rows // group_size) if share_prefill else (ids, mask, rows)
-        cache = shared_prefill(model, *source) if ids.shape[1] > 1 else None  # 1-token prompts: nothing to prefill
-        new = decode(model, ids[rows], mask[rows], cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                     eos=eos, pad=pad, temperature=temperature, top_p=top_p, greedy=greedy)  # [b, Tc']
-        del cache  # this batch's full KV cache: free it before the next batch's prefill
-        chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
+    with lean_lora(model):
+        for s in range(0, ids.shape[0], gen_batch):
+            rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
+            source = (prompt_ids, prompt_mask, rows // group_size) if share_prefill else (ids, mask, rows)
+            cache = shared_prefill(model, *source) if ids.shape[1] > 1 else None  # 1-token prompts: none
+            new = decode(model, ids[rows], mask[rows], cache, max_new_tokens=max_new_tokens,
+                         min_new_tokens=min_new_tokens, eos=eos, pad=pad, temperature=temperature, top_p=top_p,
+                         greedy=greedy)  # [b, Tc']
+            del cache  # this batch's full KV cache: free it before the next batch's prefill
+            chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
     completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
     cmask = completion_mask(completion_ids, eos)  # [P*G, Tc]
     has_eos = torch.isin(completion_ids, torch.tensor(eos)).any(-1)  # [P*G]
@@ -274,6 +276,61 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, 
         token, position = token[:, None], position + 1  # [b, 1]
         mask = torch.cat([mask, torch.ones_like(token)], -1)  # [b, T+1]
     return torch.stack(new, -1)  # [b, Tc']
+
+
+@contextlib.contextmanager
+def lean_lora(model):
+    """Inference through LoRA layers without peft's per-call bookkeeping.
+
+    Each LoRA linear layer with one active plain adapter (no dropout, no DoRA or other variant) gets a closure as
+    its forward. It runs the same ops in the same order as peft, so the results are bit-identical. peft's
+    Python costs ~14 ms of a ~100 ms fp32 decoding step of SmolLM2-135M (210 LoRA layers) on 2 CPU cores.
+    Inference only: the closure ignores `disable_adapter`, and autograd is not considered.
+    """
+    patched = [m for m in model.modules() if _lean_forward(m) is not None]
+    for m in patched:
+        m.forward = _lean_forward(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward  # back to the class's forward
+
+
+def _lean_forward(m):
+    """The closure for one peft LoRA layer, or None if it needs peft's own forward."""
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import Linear
+    except ImportError:
+        return None
+    if not isinstance(m, LoraLayer) or m.merged or m.disable_adapters or torch.is_autocast_enabled():
+        return None
+    if len(m.active_adapters) != 1 or m.active_adapters[0] in m.lora_variant:
+        return None
+    name = m.active_adapters[0]
+    if name not in m.lora_A or not isinstance(m.lora_dropout[name], torch.nn.Identity):
+        return None
+    a, b, scale, base = m.lora_A[name], m.lora_B[name], m.scaling[name], m.base_layer
+    cast = getattr(m, "cast_input_dtype_enabled", True)
+    linear = torch.nn.functional.linear
+
+    def lora(x):
+        if cast and x.dtype != a.weight.dtype:
+            x = x.to(a.weight.dtype)
+        return linear(linear(x, a.weight, a.bias), b.weight, b.bias) * scale
+
+    if type(m) is Linear:  # peft.tuners.lora.layer.Linear: result + B(A(x))·s, then back to the base's dtype
+        def forward(x, *args, **kwargs):
+            result = base(x, *args, **kwargs)
+            return (result + lora(x)).to(result.dtype)
+    elif type(m).__name__ == "Linear4bit":  # peft.tuners.lora.bnb: B(A(x))·s cast to the base's dtype, then added
+        def forward(x, *args, **kwargs):
+            result = base(x, *args, **kwargs)
+            return result + lora(x).to(result.dtype)
+    else:
+        return None
+    return forward
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
