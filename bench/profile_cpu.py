@@ -1,5 +1,5 @@
 """Where the time of a tinyrl step goes on this CPU, below the phase level: per-token decoding cost at batch 1
-and 8, and the share of matmuls (`aten::mm`) in decoding and in training, from torch.profiler.
+and 8, the LM head's share of it, what peft's LoRA forward costs in decoding, and the share of matmuls (`aten::mm`) in decoding and in training, from torch.profiler.
 
 SmolLM2-135M with LoRA r16, fp32, 2 threads: 2 prompts of 85 random tokens x 4 completions, 64 new tokens (the
 bench/vs_trl.py geometry), then one training micro-batch of those 8 rows (reference pass, forward, backward
@@ -10,6 +10,7 @@ with checkpointing). Writes bench/results/profile_cpu.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +34,12 @@ def mm_share(prof) -> float:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     return sum(e.self_cpu_time_total for e in events if e.key == "aten::mm") / total
+
+
+def timed(fn, clock=time.perf_counter) -> float:
+    t = clock()
+    fn()
+    return clock() - t
 
 
 def main() -> None:
@@ -67,6 +74,23 @@ def main() -> None:
         sample()
     decode_mm = mm_share(prof)
 
+    def step_cpu_ms(context) -> float:  # one decoding step of 8 rows: process CPU ms (both threads), median of 20
+        one = torch.randint(100, 1000, (P * G, 1))
+        with torch.no_grad(), context():
+            decoder(input_ids=one)
+            return 1000 * statistics.median(timed(lambda: decoder(input_ids=one), time.process_time)
+                                            for _ in range(20))
+
+    lora_ms = {"peft": [], "lean": [], "off": []}  # LoRA through peft's forward, tinyrl's lean closures, none
+    for _ in range(5):  # alternated, so drift in machine speed hits all three
+        lora_ms["peft"].append(step_cpu_ms(contextlib.nullcontext))
+        lora_ms["lean"].append(step_cpu_ms(lambda: policy.lean_lora(model)))
+        lora_ms["off"].append(step_cpu_ms(model.disable_adapter))
+    hidden = torch.randn(P * G, decoder.config.hidden_size)
+    head = policy.causal_lm(model).get_output_embeddings()
+    with torch.no_grad():
+        head_ms = statistics.median(timed(lambda: head(hidden)) for _ in range(10)) * 1000
+
     full = torch.cat([ids.repeat_interleave(G, 0), rollouts.completion_ids], 1)  # [8, TP+TC]
     mask = torch.ones_like(full)
     model.train()
@@ -92,6 +116,11 @@ def main() -> None:
               "config": f"SmolLM2-135M fp32, LoRA r16, P={P} G={G}, {TP}-token prompts, {TC} new tokens",
               "decode_token_ms_batch1": round(token_ms(1), 1), "decode_token_ms_batch8": round(token_ms(P * G), 1),
               "generate_s": round(generate_s, 2), "generate_mm_share": round(decode_mm, 3),
+              "decode_step_cpu_ms_batch8": {k: round(statistics.median(v), 1) for k, v in lora_ms.items()},
+              "decode_step_cpu_ms_note": "process CPU ms (both threads) of one 8-row decoding step, median of 5 "
+                                         "alternated rounds: LoRA through peft's forward, through tinyrl's lean "
+                                         "closures (policy.lean_lora, what generate uses), and adapter off",
+              "lm_head_ms_batch8": round(head_ms, 1),
               "train_s": round(train_s, 2), "train_mm_share": round(train_mm, 3),
               "train_decoder_gflop": round(gflop, 1),
               "train_note": "reference forward + forward + checkpoint recompute + input-grad backward = 4 decoder "

@@ -18,7 +18,7 @@ import torch
 def reset_peak(device: torch.device) -> None:
     """Start a phase: reset CUDA's peak counter, or on Linux hand freed heap pages back (`release_freed`) and
     reset the process' peak RSS (VmHWM) via clear_refs, so a phase's peak is its own, not its predecessor's
-    leftovers (generation after training: 1.7 GiB peak RSS without, 1.2 GiB with, on bench/vs_trl.py's config)."""
+    leftovers."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
