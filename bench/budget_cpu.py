@@ -8,11 +8,13 @@ AdamW step, and `policy.generate` of 2 prompts x 4 completions (one shared prefi
 peak resident memory above the memory before it (VmHWM after resetting it through /proc/self/clear_refs, with
 glibc told to mmap every allocation >= 64 KiB so freed tensors leave the resident set) is compared with
 `tinyrl.budget.estimate` for the same shapes, in fp32 and in bf16 (base in bf16, LoRA in fp32, as on a GPU).
-What this checks: the activation, log-prob, KV-cache and prefill terms. What it cannot: the CUDA context,
+What this checks: the activation, log-prob, KV-cache, prefill and sampling terms (the last on
+64 x 151936 logits, as `policy.decode` samples them). What it cannot: the CUDA context,
 workspaces, fragmentation, bitsandbytes (those need bench/budget.py on a GPU).
 
     OMP_NUM_THREADS=2 python bench/budget_cpu.py   # ~10 min on 2 cores (bf16 is slow on CPU); writes
                                                    # bench/results/budget_cpu.json
+    OMP_NUM_THREADS=2 python bench/budget_cpu.py --sampling-only   # seconds: the sampling rows only
 """
 
 from __future__ import annotations
@@ -189,6 +191,34 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
             "generate_seconds": round(gen_s, 2) if generate else None, "phases": phases}
 
 
+SAMPLING_ROWS, SAMPLING_VOCAB = 64, 151936  # Bg x V of one decoding step's logits (Qwen2.5's vocabulary)
+
+
+def sampling_case() -> list[dict]:
+    """Bytes per logit of one decoding step's sampling, as policy.decode does it: the LM head's output in the
+    model dtype, its fp32 copy, then policy.next_tokens (the planner's `sampling logits` term)."""
+    import torch
+
+    from tinyrl import budget, policy
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.randn(SAMPLING_VOCAB, 64, dtype=dtype)
+        hidden = torch.randn(SAMPLING_ROWS, 64, dtype=dtype)
+        for top_p in (1.0, 0.9):
+            def step():
+                logits = (hidden @ head.T).float()  # [Bg, V]
+                return policy.next_tokens(logits, 0.9, top_p, greedy=False)
+
+            peak, _ = measure(step)
+            per_logit = peak / (SAMPLING_ROWS * SAMPLING_VOCAB)
+            planned = budget.sampling_bytes(top_p)
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "top_p": top_p,
+                         "measured_bytes_per_logit": round(per_logit, 2), "planned_bytes_per_logit": planned,
+                         "error": round((planned - per_logit) / per_logit, 3)})
+    return rows
+
+
 def hardware() -> dict:
     import torch
 
@@ -202,8 +232,26 @@ def main() -> None:
     if len(sys.argv) == 6 and sys.argv[1] == "--one":
         print(json.dumps(one_case(sys.argv[2], sys.argv[3] == "ckpt", int(sys.argv[4]), sys.argv[5] == "gen")))
         return
+    if sys.argv[1:] == ["--one-sampling"]:
+        print(json.dumps(sampling_case()))
+        return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, __file__, "--one-sampling"], env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        sys.exit(f"sampling check failed:\n{done.stderr[-3000:]}")
+    sampling = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"sampling, {SAMPLING_ROWS} x {SAMPLING_VOCAB} logits (bytes per logit):")
+    for r in sampling:
+        print(f"  {r['dtype']:<9} top_p {r['top_p']}: measured {r['measured_bytes_per_logit']:5.2f}   "
+              f"planned {r['planned_bytes_per_logit']}   error {r['error']:+.0%}")
+    if sys.argv[1:] == ["--sampling-only"]:  # refresh that part of the results file only
+        result = json.loads(RESULTS.read_text())
+        result.update(sampling=sampling, sampling_date=time.strftime("%Y-%m-%d"))
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote the sampling rows of {RESULTS.relative_to(ROOT)}")
+        return
     cases = []
     for dtype_name, ckpt, chunk, generate in CASES:
         cmd = [sys.executable, __file__, "--one", dtype_name, "ckpt" if ckpt else "nockpt", str(chunk),
@@ -227,7 +275,8 @@ def main() -> None:
                  "policy.generate (shared prefill)",
         "model": MODEL, "lora_rank": RANK, "prompt_tokens": TP, "completion_tokens": TC, "micro_batch": MICRO,
         "gen_batch": GEN_BATCH, "gen_tokens": GEN_TOKENS,
-        "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "cases": cases,
+        "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "cases": cases, "sampling": sampling,
+        "sampling_date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -386,3 +386,17 @@ def test_plan_is_fast_and_does_not_import_torch():
     code = "import sys, tinyrl.budget; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_sampling_term_follows_top_p():
+    s = tiny_settings(gen_batch=4)
+    full, nucleus = (estimate(TINY, s, prompt_len=6, top_p=p).term("sampling logits").bytes for p in (1.0, 0.9))
+    assert full == 4 * 1000 * 16  # Bg·V·(fp32 logits + probabilities + float64 CDF)
+    assert nucleus == 4 * 1000 * 24  # + the sorted probabilities and their int64 order, in place of the probs
+
+
+def test_the_plan_counts_the_top_p_it_is_given():
+    full = plan(QWEN, parse_bytes("8G"), PROMPTS, base={"top_p": 1.0})
+    nucleus = plan(QWEN, parse_bytes("8G"), PROMPTS, base={"top_p": 0.9})
+    assert full.breakdown.term("sampling logits").bytes == full.gen_batch * QWEN.vocab * 16
+    assert nucleus.breakdown.term("sampling logits").bytes == nucleus.gen_batch * QWEN.vocab * 24

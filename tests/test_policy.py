@@ -269,6 +269,11 @@ def test_next_tokens_samples_the_tempered_softmax_and_its_nucleus():
     # top_p 0.7: the smallest head reaching 0.7 is {0.5, 0.3}, renormalised to 0.625 / 0.375
     freq = torch.bincount(policy.next_tokens(logits, 1.0, 0.7, False), minlength=4) / 40_000
     assert freq[2] == freq[3] == 0 and abs(freq[0] - 0.625) < 0.01
+    # each row its own nucleus, mapped back to vocabulary ids: the reversed row keeps tokens 3 and 2
+    both = torch.stack([logits[0], logits[0].flip(0)]).repeat(20_000, 1)  # [40000, 4] alternating rows
+    picked = policy.next_tokens(both, 1.0, 0.7, False).view(20_000, 2)
+    assert set(picked[:, 0].tolist()) == {0, 1} and set(picked[:, 1].tolist()) == {3, 2}
+    assert abs((picked[:, 1] == 3).float().mean() - 0.625) < 0.015
 
 
 def test_sampling_ignores_the_models_generation_defaults(tiny_model):
@@ -336,6 +341,19 @@ def test_planner_and_policy_agree_on_prompt_sharing_support(monkeypatch):
     assert per_row.breakdown.training > shared.breakdown.training
 
 
+def test_the_fit_plan_counts_the_configured_top_p():
+    from dataclasses import replace
+
+    from tinyrl import loop
+    from tinyrl.config import Config
+
+    cfg = Config(task="toy", model="smollm2-135m", vram="2G")
+    pins = frozenset({"gen_batch"})  # the same batch, so only the per-logit bytes differ
+    full = loop.make_plan(cfg, pins, budget_caps()).breakdown.term("sampling logits").bytes
+    nucleus = loop.make_plan(replace(cfg, top_p=0.9), pins, budget_caps()).breakdown.term("sampling logits").bytes
+    assert nucleus * 16 == full * 24
+
+
 def budget_caps():
     from tinyrl import budget
 
@@ -378,3 +396,15 @@ def test_generate_runs_lean_and_samples_what_peft_would(tiny_model, monkeypatch)
     assert torch.equal(sample(), lean) and entered == [model]
     monkeypatch.setattr(policy, "lean_lora", lambda m: contextlib.nullcontext())
     assert torch.equal(sample(), lean)  # peft's forward samples exactly the same tokens
+
+
+@pytest.mark.parametrize("extra", [{"use_dora": True}, {"lora_dropout": 0.1}])
+def test_lean_lora_leaves_dora_and_dropout_to_peft(tiny_model, extra):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **extra})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config)
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    with policy.lean_lora(model):
+        assert lora_layers and not any("forward" in vars(m) for m in lora_layers)

@@ -60,7 +60,14 @@ NF4_BLOCK = 64  # bitsandbytes NF4: one absmax per 64 weights ...
 NF4_BLOCK2 = 256  # ... and with double quantisation those absmax are uint8, with an fp32 scale per 256 of them
 NF4_STATE_BYTES = 16 * 4 + 256 * 4 + 4  # per layer: NF4 code table, nested 8-bit code table, offset
 
-SAMPLING_FP32_COPIES = 6  # per decode step (policy.next_tokens): fp32 logits, temperature, probs, CDF, top-p sort + scatter
+# Bytes per [Bg, V] logit in a decoding step (policy.decode + next_tokens): the fp32 logits 4 + probabilities 4 +
+# float64 CDF 8 = 16 at top_p = 1; with top-p the probabilities sorted (4) and their int64 order (8) instead: 24.
+# Measured on CPU by bench/budget_cpu.py (15.98 and 23.97).
+SAMPLING_BYTES = {"all": 16, "top-p": 24}
+
+
+def sampling_bytes(top_p: float) -> int:
+    return SAMPLING_BYTES["all" if top_p >= 1.0 else "top-p"]
 # per log-prob element in backward (policy._token_logprobs: gather - logsumexp): the fp32 logits, logsumexp's
 # softmax temporary, and the two logits grads (from gather and from logsumexp) before they are summed. Measured:
 # 4 B/element above 12 on an H200 (bf16, bench/budget.py) and on CPU (fp32 and bf16, bench/budget_cpu.py).
@@ -429,6 +436,8 @@ class Settings:
 
 
 KNOBS: tuple[str, ...] = tuple(f.name for f in fields(Settings))
+# Config fields `plan` takes from the run as they are (its `base`): what the user asked for, not what fits
+GIVEN = ("group_size", "prompts_per_step", "max_prompt_tokens", "max_new_tokens", "top_p")
 
 
 @dataclass(frozen=True)
@@ -533,6 +542,7 @@ def estimate(
     caps: DeviceCaps = DEVICES["cuda"],
     encoder_bytes: int = ENCODER_BYTES,
     shared_prompts: bool = True,
+    top_p: float = 1.0,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
     (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
@@ -594,8 +604,9 @@ def estimate(
     repeated = kp if shared_prompts else 0  # the k prefilled rows, alive while their copies are made
     prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (repeated + bg),
                     f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({repeated}+{bg})")
-    sampling = add("generation", "sampling logits", bg * V * (c + 4 * SAMPLING_FP32_COPIES),
-                   f"Bg·V·(c + 4·{SAMPLING_FP32_COPIES}) = {bg}·{V}·{c + 4 * SAMPLING_FP32_COPIES}")
+    per_logit = sampling_bytes(top_p)
+    sampling = add("generation", "sampling logits", bg * V * per_logit,
+                   f"Bg·V·{per_logit} = {bg}·{V}·{per_logit}" + (f" (top_p {top_p})" if top_p < 1 else ""))
     if dequant:
         add("generation", "dequantised weight (NF4 -> c)", dequant, "max(in·out)·c")
     generation = max(prompt_kv + prefill, kv + growth + sampling) + dequant
@@ -750,7 +761,7 @@ def plan(
                         max_prompt_tokens=start["max_prompt_tokens"], max_new_tokens=tc)
 
     def peak(s: Settings) -> int:
-        return estimate(geometry, s, tp, caps, encoder_bytes).peak
+        return estimate(geometry, s, tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0)).peak
 
     def most(candidates: list[int], make) -> int | None:  # largest candidate whose settings fit
         return next((x for x in candidates if peak(make(x)) <= budget), None)
@@ -812,7 +823,7 @@ def plan(
                 chunk = k
                 break
     final = settings(quant, ckpt, rank, bg, b, tc, chunk)
-    breakdown = estimate(geometry, final, tp, caps, encoder_bytes)
+    breakdown = estimate(geometry, final, tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0))
     reasons = _reasons(geometry, final, breakdown, tp, lengths, caps, pins, start, stage, budget, encoder_bytes)
     return Plan(model=geometry.name, device=caps.name, vram_bytes=vram_bytes, budget_bytes=budget, prompt_len=tp,
                 **{name: getattr(final, name) for name in KNOBS}, breakdown=breakdown, reasons=reasons)
@@ -840,7 +851,7 @@ def minimum_bytes(
         dtype=pins.get("dtype") or ("bf16" if caps.bf16 else "fp16" if caps.fp16 and caps.cuda else "fp32"),
         grad_checkpointing=pins.get("grad_checkpointing", True), max_prompt_tokens=start["max_prompt_tokens"],
         max_new_tokens=pins.get("max_new_tokens", min(MIN_NEW_TOKENS, start["max_new_tokens"])))
-    need = estimate(geometry, s, tp, caps, encoder_bytes).peak
+    need = estimate(geometry, s, tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0)).peak
     return math.ceil(need / (1 - MARGIN))
 
 
@@ -920,7 +931,7 @@ def _no_fit_message(geometry, vram_bytes, budget, lengths, caps, pins, base, enc
 def _reasons(g, s, bd, tp, lengths, caps, pins, start, stage, budget, encoder_bytes):
     """(knob, value, why) for every knob, in the planner's order."""
     def alt(**change) -> int:
-        return estimate(g, replace(s, **change), tp, caps, encoder_bytes).peak
+        return estimate(g, replace(s, **change), tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0)).peak
 
     def why(name: str, text: str) -> tuple[str, Any, str]:
         return (name, getattr(s, name), "pinned" if name in pins else text)

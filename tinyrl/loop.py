@@ -174,7 +174,7 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
     except (UserError, OSError, ValueError):
         pass  # no data or tokenizer offline: plan for full-length prompts, the safe side
     knobs = {k: getattr(cfg, k) for k in budget.KNOBS if k in pins}
-    base = {k: getattr(cfg, k) for k in ("group_size", "prompts_per_step", "max_prompt_tokens", "max_new_tokens")}
+    base = {k: getattr(cfg, k) for k in budget.GIVEN}
     encoder_bytes = budget.ENCODER_BYTES if cfg.method.startswith("memory") else 0
     return budget.plan(geometry, budget.parse_bytes(cfg.vram), lengths, caps, knobs, base=base,
                        encoder_bytes=encoder_bytes)

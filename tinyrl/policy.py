@@ -288,13 +288,13 @@ def lean_lora(model):
     157 with the adapter off (bench/profile_cpu.py).
     Inference only: the closure ignores `disable_adapter`, and autograd is not considered.
     """
-    patched = [m for m in model.modules() if _lean_forward(m) is not None]
-    for m in patched:
-        m.forward = _lean_forward(m)
+    patched = [(m, forward) for m in model.modules() if (forward := _lean_forward(m)) is not None]
+    for m, forward in patched:
+        m.forward = forward
     try:
         yield
     finally:
-        for m in patched:
+        for m, _ in patched:
             del m.forward  # back to the class's forward
 
 
@@ -307,9 +307,11 @@ def _lean_forward(m):
         return None
     if not isinstance(m, LoraLayer) or m.merged or m.disable_adapters or torch.is_autocast_enabled():
         return None
-    if len(m.active_adapters) != 1 or m.active_adapters[0] in m.lora_variant:
+    if len(m.active_adapters) != 1:
         return None
-    name = m.active_adapters[0]
+    name = m.active_adapters[0]  # below: DoRA and other variants (peft >= 0.16 and before), dropout
+    if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False):
+        return None
     if name not in m.lora_A or not isinstance(m.lora_dropout[name], torch.nn.Identity):
         return None
     a, b, scale, base = m.lora_A[name], m.lora_B[name], m.scaling[name], m.base_layer
@@ -339,19 +341,31 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     of most likely tokens whose mass reaches top_p (all of them at top_p = 1). Sampled by inverting the CDF with
     one uniform per row (torch.rand, so torch.manual_seed makes it repeatable).
 
+    Working set per logit beyond the caller's fp32 logits (budget.sampling_bytes plans for it): the probabilities
+    (4 B) and the float64 CDF (8 B); with top_p < 1 the probabilities sorted (4 B) with their int64 order (8 B)
+    instead, the CDF taken in sorted order.
+
     >>> next_tokens(torch.tensor([[0.0, 3.0, 1.0]]), 1.0, 1.0, greedy=True).tolist()
     [1]
     """
     if greedy:
         return logits.argmax(-1)  # [b]
     probs = torch.softmax(logits / temperature, -1)  # [b, V]
+    order = None
     if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)  # [b, V]
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # [b, V] float64: fp32 steps of 6e-8 near 1 would drop tokens
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # [b, 1]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # [b]
+        probs, order = probs.sort(-1, descending=True)  # [b, V] each
+    cdf = probs.double()  # [b, V] float64: fp32 steps of 6e-8 near 1 would drop tokens
+    del probs
+    cdf.cumsum_(-1)
+    last = cdf[:, -1:]  # [b, 1] all the mass
+    if order is not None:  # keep the head up to the first token whose cumulative mass reaches top_p
+        end = torch.searchsorted(cdf, torch.full_like(last, top_p)).clamp_(max=cdf.shape[-1] - 1)  # [b, 1]
+        last = cdf.gather(-1, end)  # [b, 1] the nucleus' mass
+    u = torch.rand(last.shape, device=cdf.device, dtype=cdf.dtype) * last  # [b, 1]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # [b, 1]
+    if order is not None:
+        picked = order.gather(-1, torch.minimum(picked, end))  # [b, 1] back to vocabulary ids
+    return picked.squeeze(-1)  # [b]
 
 
 def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
