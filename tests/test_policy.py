@@ -376,6 +376,10 @@ def test_lean_lora_is_bit_identical_to_peft_and_undone_after(tiny_model, quant, 
         assert not any("forward" in vars(m) for m in lora_layers)  # peft's forward again
         with model.disable_adapter(), policy.lean_lora(model):  # a disabled adapter keeps peft's own path
             assert not any("forward" in vars(m) for m in lora_layers)
+        with pytest.raises(RuntimeError), policy.lean_lora(model):  # an error inside still restores peft's forward
+            with policy.lean_lora(model):  # nested: the inner one leaves the outer one's closures alone
+                raise RuntimeError
+        assert not any("forward" in vars(m) for m in lora_layers)
     assert torch.equal(got, want)
 
 

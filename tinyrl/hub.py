@@ -2,14 +2,17 @@
 
 Without it, an offline machine (a Kaggle notebook with internet off, a locked-down cluster) waits 20-45 s of
 retries in huggingface_hub for every name it looks up before failing or falling back to the local cache. With
-it, tinyrl reads the local cache only (`local_files_only`) and a missing file is one line at once.
+it, tinyrl reads the local caches only (`local_only`, `switched_off`) and a missing file is one line at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
+import threading
+import urllib.request
 from urllib.parse import urlparse
 
 _TRUE = ("1", "true", "yes", "on")
@@ -24,18 +27,51 @@ def offline() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """A TCP connection to the endpoint opens within `timeout`. Behind a proxy the answer is yes: only the proxy
-    knows what it can reach, and huggingface_hub goes through it."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(endpoint)
+    """A TCP connection to the endpoint opens within `timeout`, name lookup included. Where a proxy would carry
+    the request (environment or system settings), or the endpoint cannot be parsed, the answer is yes: this
+    check only ever saves time, it never blocks a load that could work."""
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        return False
-    return True
+        url = urlparse(endpoint)
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return True
+    if not host or url.scheme not in ("http", "https"):
+        return True
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return True
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout).close()
+            answer.append(True)
+        except (OSError, UnicodeError):
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # one deadline for the lookup and every address tried
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
 
 
 def local_only(path: str) -> dict:
     """from_pretrained kwargs: read only the local cache when `path` is a hub name and the hub is offline."""
     return {"local_files_only": True} if not os.path.isdir(path) and offline() else {}
+
+
+@contextlib.contextmanager
+def switched_off(datasets_module):
+    """huggingface_hub and `datasets` in offline mode for the duration: cached datasets load, nothing is asked of
+    the network (their own switches are read from the environment only at import)."""
+    import huggingface_hub.constants as hub_constants
+
+    flags = [(hub_constants, "HF_HUB_OFFLINE"), (datasets_module.config, "HF_HUB_OFFLINE")]
+    saved = [getattr(obj, name) for obj, name in flags]
+    for obj, name in flags:
+        setattr(obj, name, True)
+    try:
+        yield
+    finally:
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)

@@ -39,9 +39,11 @@ def release_freed() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # musl has no malloc_trim
         return None
 
 

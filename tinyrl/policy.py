@@ -307,6 +307,8 @@ def _lean_forward(m):
         return None
     if not isinstance(m, LoraLayer) or m.merged or m.disable_adapters or torch.is_autocast_enabled():
         return None
+    if "forward" in vars(m):  # already replaced (accelerate's hooks do that, and so does an outer lean_lora)
+        return None
     if len(m.active_adapters) != 1:
         return None
     name = m.active_adapters[0]  # below: DoRA and other variants (peft >= 0.16 and before), dropout
@@ -315,6 +317,8 @@ def _lean_forward(m):
     if name not in m.lora_A or not isinstance(m.lora_dropout[name], torch.nn.Identity):
         return None
     a, b, scale, base = m.lora_A[name], m.lora_B[name], m.scaling[name], m.base_layer
+    if any(x._forward_hooks or x._forward_pre_hooks for x in (a, b)):
+        return None
     cast = getattr(m, "cast_input_dtype_enabled", True)
     linear = torch.nn.functional.linear
 
@@ -324,15 +328,19 @@ def _lean_forward(m):
         return linear(linear(x, a.weight, a.bias), b.weight, b.bias) * scale
 
     if type(m) is Linear:  # peft.tuners.lora.layer.Linear: result + B(A(x))·s, then back to the base's dtype
-        def forward(x, *args, **kwargs):
-            result = base(x, *args, **kwargs)
+        def combine(result, x):
             return (result + lora(x)).to(result.dtype)
     elif type(m).__name__ == "Linear4bit":  # peft.tuners.lora.bnb: B(A(x))·s cast to the base's dtype, then added
-        def forward(x, *args, **kwargs):
-            result = base(x, *args, **kwargs)
+        def combine(result, x):
             return result + lora(x).to(result.dtype)
     else:
         return None
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs:  # e.g. peft's adapter_names: its own forward knows what they mean
+            return type(m).forward(m, x, *args, **kwargs)
+        return combine(base(x), x)
+
     return forward
 
 

@@ -14,6 +14,7 @@ problems that also occur in train are dropped. Pass the same data seed to compar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -91,19 +92,18 @@ def _local_file(path: Path, split: str) -> Path:
 def load_gsm8k(path: str | None, split: str = "train") -> list[Example]:
     """GSM8K examples from the hub (path None) or a local jsonl/parquet file or folder; UserError on bad input."""
     if path is None:
-        if hub.offline():
-            raise UserError("the Hugging Face hub is unreachable, so openai/gsm8k cannot be downloaded; pass a local "
-                            "file with --data PATH (jsonl or parquet with 'question' and 'answer' fields)")
+        offline = hub.offline()
         try:
             import datasets
 
-            rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+            with hub.switched_off(datasets) if offline else contextlib.nullcontext():  # offline: the cache only
+                rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
         except Exception as e:  # noqa: BLE001 - offline, missing package, bad split: all end the same way
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
-            raise UserError(
-                f"could not load openai/gsm8k from the Hugging Face hub ({reason}); pass a local file with "
-                "--data PATH (jsonl or parquet with 'question' and 'answer' fields)"
-            ) from None
+            where = ("the Hugging Face hub is unreachable and openai/gsm8k is not in the local datasets cache"
+                     if offline else f"could not load openai/gsm8k from the Hugging Face hub ({reason})")
+            raise UserError(f"{where}; pass a local file with --data PATH (jsonl or parquet with 'question' and "
+                            "'answer' fields)") from None
         rows = [_check_row(row, f"openai/gsm8k {split} row {i}") for i, row in enumerate(rows)]
         source = f"openai/gsm8k {split}"
     else:
