@@ -68,6 +68,8 @@ SAMPLING_BYTES = {"all": 16, "top-p": 24}
 
 def sampling_bytes(top_p: float) -> int:
     return SAMPLING_BYTES["all" if top_p >= 1.0 else "top-p"]
+
+
 # per log-prob element in backward (policy._token_logprobs: gather - logsumexp): the fp32 logits, logsumexp's
 # softmax temporary, and the two logits grads (from gather and from logsumexp) before they are summed. Measured:
 # 4 B/element above 12 on an H200 (bf16, bench/budget.py) and on CPU (fp32 and bf16, bench/budget_cpu.py).

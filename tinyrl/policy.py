@@ -214,7 +214,7 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
              share_prefill: bool = True) -> Rollouts:
     """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache. With share_prefill
     each prompt of a batch is prefilled once for all its completions in that batch (`shared_prefill`),
-    then `decode` samples from the policy itself."""
+    then `decode` samples from the policy itself, its LoRA layers run as lean closures (`lean_lora`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
