@@ -4,7 +4,7 @@ phase (`mem/generate`, `mem/train`: VmHWM, reset at each phase's start after gli
 Writes bench/results/rss_steps.json.
 
     OMP_NUM_THREADS=2 python bench/rss_steps.py              # 60 steps, ~9 min on 2 cores
-    OMP_NUM_THREADS=2 python bench/rss_steps.py --steps 200
+    OMP_NUM_THREADS=2 python bench/rss_steps.py --steps 150   # ~23 min
 """
 
 from __future__ import annotations
