@@ -743,6 +743,7 @@ def plan(
     """
     pins = _check_pins(dict(pins or {}), caps)
     start = {**PAPER, "lora_rank": DEFAULT_LORA_RANK, **(base or {}), **pins}
+    top_p = start.get("top_p", 1.0)
     budget = _budget(vram_bytes, caps)
     lengths = [int(x) for x in prompt_lengths]
     dtype = pins.get("dtype") or ("bf16" if caps.bf16 else "fp16" if caps.fp16 and caps.cuda else "fp32")
@@ -763,7 +764,7 @@ def plan(
                         max_prompt_tokens=start["max_prompt_tokens"], max_new_tokens=tc)
 
     def peak(s: Settings) -> int:
-        return estimate(geometry, s, tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0)).peak
+        return estimate(geometry, s, tp, caps, encoder_bytes, top_p=top_p).peak
 
     def most(candidates: list[int], make) -> int | None:  # largest candidate whose settings fit
         return next((x for x in candidates if peak(make(x)) <= budget), None)
@@ -825,7 +826,7 @@ def plan(
                 chunk = k
                 break
     final = settings(quant, ckpt, rank, bg, b, tc, chunk)
-    breakdown = estimate(geometry, final, tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0))
+    breakdown = estimate(geometry, final, tp, caps, encoder_bytes, top_p=top_p)
     reasons = _reasons(geometry, final, breakdown, tp, lengths, caps, pins, start, stage, budget, encoder_bytes)
     return Plan(model=geometry.name, device=caps.name, vram_bytes=vram_bytes, budget_bytes=budget, prompt_len=tp,
                 **{name: getattr(final, name) for name in KNOBS}, breakdown=breakdown, reasons=reasons)

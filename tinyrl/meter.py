@@ -34,7 +34,10 @@ def release_freed() -> bool:
     """glibc keeps freed heap pages resident; malloc_trim(0) returns them to the OS. False where there is no
     glibc (macOS, musl): nothing to do there."""
     trim = _malloc_trim()
-    return bool(trim and trim(0) is not None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 @functools.lru_cache(maxsize=None)
