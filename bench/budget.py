@@ -15,6 +15,7 @@ back-offs, s/step. Rows whose plan equals an earlier row's of the same model are
     python bench/budget.py --rescore bench/results/budget_gpu.json  # the current planner vs those measurements
     python bench/budget.py --rows qwen:4G,qwen:8G --steps 2
     python bench/budget.py --rows falcon:4G --prior bench/results/budget_gpu.json   # add rows to a sweep
+    python bench/budget.py --rows qwen:8G --top-p 0.9 --out bench/results/budget_gpu_top_p.json  # the sort's share
 
 Writes bench/results/budget_gpu.json (or --out) after every row, so a partial sweep is kept.
 """
@@ -43,18 +44,19 @@ HEADLINE = [("qwen", "8G"), ("llama", "8G"), ("falcon", "8G"), ("qwen", "4G")]  
 MiB = 2**20
 
 
-def planned(model_dir: str, vram: str, data: str | None, caps) -> dict:
+def planned(model_dir: str, vram: str, data: str | None, caps, top_p: float = 1.0) -> dict:
     """The plan `fit` makes for this row at paper settings, without loading weights."""
     from tinyrl import loop
     from tinyrl.config import Config
 
-    p = loop.make_plan(Config(task="gsm8k", data=data, model=model_dir, vram=vram), frozenset(), caps)
+    p = loop.make_plan(Config(task="gsm8k", data=data, model=model_dir, vram=vram, top_p=top_p), frozenset(), caps)
     return {"knobs": p.knobs(), "generate": p.breakdown.fixed + p.breakdown.generation,
             "train": p.breakdown.fixed + p.breakdown.training, "device": p.breakdown.peak,
             "budget": p.budget_bytes, "prompt_len": p.prompt_len}
 
 
-def measure(model_dir: str, vram: str, data: str | None, knobs: dict, prompts: int, steps: int, out: str) -> dict:
+def measure(model_dir: str, vram: str, data: str | None, knobs: dict, prompts: int, steps: int, out: str,
+            top_p: float = 1.0) -> dict:
     """One row: the real `fit` with --vram, the plan's knobs pinned and `prompts` prompts per step; its metrics.
 
     Peaks do not depend on how many generate calls or micro-batches a step makes (each call's cache is freed
@@ -70,7 +72,8 @@ def measure(model_dir: str, vram: str, data: str | None, knobs: dict, prompts: i
     from tinyrl.config import Config
 
     cfg = dataclasses.replace(Config(task="gsm8k", data=data, model=model_dir, vram=vram, steps=steps, out=out,
-                                     save_every=10_000, sample_every=10_000, prompts_per_step=prompts), **knobs)
+                                     save_every=10_000, sample_every=10_000, prompts_per_step=prompts,
+                                     top_p=top_p), **knobs)
     started = time.perf_counter()
     try:
         loop.fit(cfg, quiet=True, pins=frozenset(knobs) | {"prompts_per_step"})
@@ -128,7 +131,7 @@ def rescore(path: str) -> None:
         knobs = {**row["plan"]["knobs"], "prompts_per_step": m["prompts_per_step"]}
         g = budget.geometry_from_config(budget.PUBLIC_CONFIGS[row["geometry"]])
         bd = budget.estimate(g, budget.Settings(**knobs), row["plan"]["prompt_len"], caps, encoder_bytes=0,
-                             shared_prompts=shared)
+                             shared_prompts=shared, top_p=result["settings"].get("top_p", 1.0))
         now = {"generate": bd.fixed + bd.generation, "train": bd.fixed + bd.training, "device": bd.peak}
         row["rescored"] = {f"error_{k}": round((v - m[f"mem/{k}"]) / m[f"mem/{k}"], 3) for k, v in now.items()}
         row["rescored"]["error_needed"] = round((bd.peak - row["needed_bytes"]) / row["needed_bytes"], 3)
@@ -187,6 +190,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "gsm8k"))
     ap.add_argument("--rows", default=",".join(f"{m}:{v}" for m, v in ROWS), help="MODEL:VRAM,... in this order")
     ap.add_argument("--prior", help="a results file of an earlier (partial) sweep: its rows are kept, not rerun")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (< 1 adds the sort's working set)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per row (peaks are the max over them)")
     ap.add_argument("--work", default="/tmp/tinyrl-budget", help="random-init models and runs go here")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "budget_gpu.json"))
@@ -223,7 +227,7 @@ def main() -> None:
                       "tokens, 200-token completions): planned vs measured peak allocated bytes per phase, and "
                       "device bytes (allocator reserve + CUDA context) vs V",
               "settings": {"group_size": 16, "max_prompt_tokens": 256, "max_new_tokens": 200, "method": "r1",
-                           "shared_prompts": True,
+                           "shared_prompts": True, "top_p": args.top_p,
                            "steps": args.steps, "headline rows (P=16)": [f"{m} {v}" for m, v in HEADLINE]},
               "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     measured_by_knobs: dict[str, dict] = {}
@@ -248,7 +252,7 @@ def main() -> None:
             char_tokenizer(budget.PUBLIC_CONFIGS[name]["vocab_size"]).save_pretrained(folder)
         elif not args.dry_run:
             make_random_model(name, folder)
-        plan = planned(folder, vram, data, caps)
+        plan = planned(folder, vram, data, caps, args.top_p)
         key = model + json.dumps(plan["knobs"], sort_keys=True)
         if args.dry_run:
             measured = {"error": "dry run"}
@@ -257,7 +261,8 @@ def main() -> None:
         else:
             prompts = 16 if (model, vram) in HEADLINE else max(1, plan["knobs"]["gen_batch"] // 16)
             out = os.path.join(args.work, "runs", f"{model}-{vram}")
-            measured = {**measure(folder, vram, data, plan["knobs"], prompts, args.steps, out), "vram": vram}
+            measured = {**measure(folder, vram, data, plan["knobs"], prompts, args.steps, out,
+                                   args.top_p), "vram": vram}
             measured_by_knobs[key] = measured
         row = {"model": model, "geometry": name, "vram": vram, "plan": plan, "measured": measured,
                **compare(measured, vram)}

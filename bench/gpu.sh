@@ -2,15 +2,21 @@
 # The GPU checks, in the form they run on a lent H100/H200 (the `device` tool, which carries .whl/ and .gpu/):
 #   .whl/   wheels the GPU image lacks: usearch + numkong, bitsandbytes, trl, datasets, dill, multiprocess
 #   .gpu/   a GSM8K sample (.gpu/gsm8k/{train,test}.jsonl, the first 200/50 lines of ../shared/data/gsm8k)
-# Usage: bash bench/gpu.sh all|tests|quick|sweep|trl     Results land in $OUT (default /tmp/tinyrl-gpu-out).
-#   all:   tests, then every row of bench/budget.py (headline rows first) until SWEEP_LIMIT, then trl
-#   tests: tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder)
-#   quick: tests + the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G)
-#   sweep: the rows of bench/budget.py not already in .gpu/budget_gpu.json (copy quick's result there first)
-#   trl:   bench/vs_trl.py --device cuda (Qwen2.5-0.5B geometry, P=8 G=16, 200 tokens)
-# LIMIT / SWEEP_LIMIT / TRL_LIMIT (seconds): start no new row or run after that. Device time on 2026-11-25
-# (H200, before prompts shared their prefill): tests 0.5 min, headline rows 3.5 min, 4 more rows 3.5 min,
-# trl 2.5 min, plus about 1 min to start the machine. `all` with the defaults fits one 10-minute call.
+# Usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|trl     Results land in $OUT (default
+# /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the same warm
+# machine can add rows to it (`second`).
+#   all:    first, then second (one call, when the device time allows ~12 minutes)
+#   first:  tests, the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G) and the 12G/16G rows
+#           until LIMIT (default 300 s), then the top_p row
+#   second: trl, then the rows of bench/budget.py not yet measured (the sweep kept by `first`) until LIMIT
+#   tests:  tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder)
+#   quick:  tests + the headline rows of bench/budget.py
+#   sweep:  the rows of bench/budget.py not already in the kept sweep (or .gpu/budget_gpu.json)
+#   top_p:  bench/budget.py --rows qwen:8G --top-p 0.9 (the sampling sort's working set on CUDA)
+#   trl:    bench/vs_trl.py --device cuda (Qwen2.5-0.5B geometry, P=8 G=16, 200 tokens)
+# LIMIT / TRL_LIMIT (seconds): start no new row or run after that. Device time on 2026-11-25 (H200, before
+# prompts shared their prefill): tests 0.5 min, headline rows 3.5 min, 4 more rows 3.5 min, trl 2.5 min, plus
+# about 1 min to start the machine.
 set -uo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 \
        TOKENIZERS_PARALLELISM=false
@@ -26,10 +32,23 @@ tests() {
   timeout 150 python3 -m pytest tests/test_gpu.py -p no:cacheprovider -o addopts="" -q -rs 2>&1 | tee "$OUT/pytest_gpu.txt"
 }
 
+KEEP=/tmp/tinyrl-gpu-keep
+mkdir -p $KEEP
+
 sweep() {  # sweep LIMIT [budget.py args...]
   local limit=$1; shift
-  timeout $((limit + 120)) python3 bench/budget.py --data .gpu/gsm8k --time-limit "$limit" \
-    --out "$OUT/budget_gpu.json" "$@" 2>&1 | grep -v "$quiet" | tee "$OUT/budget_log.txt"
+  timeout $((limit + 150)) python3 bench/budget.py --data .gpu/gsm8k --time-limit "$limit" \
+    --out "$OUT/budget_gpu.json" "$@" 2>&1 | grep -v "$quiet" | tee -a "$OUT/budget_log.txt"
+  cp "$OUT/budget_gpu.json" $KEEP/ 2>/dev/null
+}
+
+prior() {  # the sweep so far: this machine's, else the one committed for the device
+  if [ -f $KEEP/budget_gpu.json ]; then echo $KEEP/budget_gpu.json; else echo .gpu/budget_gpu.json; fi
+}
+
+top_p() {
+  timeout 200 python3 bench/budget.py --data .gpu/gsm8k --rows qwen:8G --top-p 0.9 \
+    --out "$OUT/budget_gpu_top_p.json" 2>&1 | grep -v "$quiet" | tee "$OUT/budget_top_p_log.txt"
 }
 
 trl() {  # trl LIMIT
@@ -40,11 +59,25 @@ trl() {  # trl LIMIT
     | grep -v "$quiet" | tee "$OUT/vs_trl_log.txt"
 }
 
+first() {
+  tests
+  sweep "${LIMIT:-300}" --rows qwen:8G,llama:8G,falcon:8G,qwen:4G,qwen:12G,llama:12G,falcon:12G,qwen:16G,llama:16G,falcon:16G
+  top_p
+}
+
+second() {
+  trl "${TRL_LIMIT:-100}"
+  sweep "${LIMIT:-120}" --prior "$(prior)"
+}
+
 case "${1:-}" in
-  all) tests; sweep "${SWEEP_LIMIT:-270}"; trl "${TRL_LIMIT:-100}" ;;
+  all) first; second ;;
+  first) first ;;
+  second) second ;;
   tests) tests ;;
   quick) tests; sweep 1000 --rows qwen:8G,llama:8G,falcon:8G,qwen:4G ;;
-  sweep) sweep "${LIMIT:-240}" --prior .gpu/budget_gpu.json ;;
+  sweep) sweep "${LIMIT:-240}" --prior "$(prior)" ;;
+  top_p) top_p ;;
   trl) trl "${LIMIT:-120}" ;;
-  *) echo "usage: bash bench/gpu.sh all|tests|quick|sweep|trl" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|trl" >&2; exit 2 ;;
 esac
