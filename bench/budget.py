@@ -124,6 +124,8 @@ def rescore(path: str) -> None:
     caps = budget.DeviceCaps(result["hardware"]["gpu"], result["hardware"]["gpu_total"], bf16=True)
     # sweeps from before the rows of a group shared their prompt (generation and training) did not record it
     shared = result["settings"].get("shared_prompts", False)
+    # training shared the prompt on CUDA from 2026-11-25 (after the first sweep) to 2026-11-26 (policy.share_scoring)
+    scoring = result["settings"].get("shared_scoring", shared)
     for row in result["rows"]:
         m = row["measured"]
         if "mem/device" not in m:
@@ -131,7 +133,8 @@ def rescore(path: str) -> None:
         knobs = {**row["plan"]["knobs"], "prompts_per_step": m["prompts_per_step"]}
         g = budget.geometry_from_config(budget.PUBLIC_CONFIGS[row["geometry"]])
         bd = budget.estimate(g, budget.Settings(**knobs), row["plan"]["prompt_len"], caps, encoder_bytes=0,
-                             shared_prompts=shared, top_p=result["settings"].get("top_p", 1.0))
+                             shared_prompts=shared, top_p=result["settings"].get("top_p", 1.0),
+                             shared_scoring=scoring)
         now = {"generate": bd.fixed + bd.generation, "train": bd.fixed + bd.training, "device": bd.peak}
         row["rescored"] = {f"error_{k}": round((v - m[f"mem/{k}"]) / m[f"mem/{k}"], 3) for k, v in now.items()}
         row["rescored"]["error_needed"] = round((bd.peak - row["needed_bytes"]) / row["needed_bytes"], 3)
@@ -140,7 +143,7 @@ def rescore(path: str) -> None:
               f"train {row['error_train']:+.1%} needed {ran_needed:+.1%}   now: gen {row['rescored']['error_generate']:+.1%} "
               f"train {row['rescored']['error_train']:+.1%} needed {row['rescored']['error_needed']:+.1%} "
               f"(device incl. allocator cache {row['rescored']['error_device']:+.1%})")
-    result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "shared_prompts": shared,
+    result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "shared_prompts": shared, "shared_scoring": scoring,
                           "what": "errors of the current planner's constants for the same settings and the same "
                                   "generation code as measured (rows[].rescored)"}
     write_atomic(path, result)
@@ -177,7 +180,7 @@ def line(r: dict) -> str:
     m, k = r["measured"], r["plan"]["knobs"]
     head = (f"{r['model']:<7}{r['vram']:>4}  {k['quant']:>4} gen_batch {k['gen_batch']:>3} micro {k['micro_batch']} "
             f"chunk {k['logprob_chunk']} ckpt {'on ' if k['grad_checkpointing'] else 'off'}")
-    if "mem/device" not in m:
+    if "mem/device" not in m or m.get("error"):
         return f"{head}  {m.get('error') or 'not run'}"
     return (f"{head}  gen {m['mem/generate'] / MiB:6.0f}/{m['plan/generate'] / MiB:6.0f} MiB "
             f"({r['error_generate']:+.0%})  train {m['mem/train'] / MiB:6.0f}/{m['plan/train'] / MiB:6.0f} MiB "
@@ -204,9 +207,10 @@ def main() -> None:
         return
     data = args.data if os.path.isdir(args.data) else None
 
+    import torch
     from randmodel import char_tokenizer, make_random_model
 
-    from tinyrl import budget
+    from tinyrl import budget, policy
     from tinyrl.errors import UserError
 
     started = time.perf_counter()
@@ -228,6 +232,7 @@ def main() -> None:
                       "device bytes (allocator reserve + CUDA context) vs V",
               "settings": {"group_size": 16, "max_prompt_tokens": 256, "max_new_tokens": 200, "method": "r1",
                            "shared_prompts": True, "top_p": args.top_p,
+                           "shared_scoring": policy.share_scoring(torch.device("cuda")),
                            "steps": args.steps, "headline rows (P=16)": [f"{m} {v}" for m, v in HEADLINE]},
               "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     measured_by_knobs: dict[str, dict] = {}
@@ -260,7 +265,7 @@ def main() -> None:
             measured = {**measured_by_knobs[key], "same_settings_as": measured_by_knobs[key]["vram"]}
         else:
             prompts = 16 if (model, vram) in HEADLINE else max(1, plan["knobs"]["gen_batch"] // 16)
-            out = os.path.join(args.work, "runs", f"{model}-{vram}")
+            out = os.path.join(args.work, "runs", f"{model}-{vram}" + (f"-top_p{args.top_p}" if args.top_p < 1 else ""))
             measured = {**measure(folder, vram, data, plan["knobs"], prompts, args.steps, out,
                                    args.top_p), "vram": vram}
             measured_by_knobs[key] = measured

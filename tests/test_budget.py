@@ -130,19 +130,43 @@ def test_checkpoint_boundaries_and_logprob_chunk():
     assert no_ckpt.term("activations of all layers").bytes == 2 * 20 * saved
 
 
-def test_rows_of_a_group_share_their_prompt_in_training():
+def test_rows_of_a_group_share_their_prompt_in_training_on_cpu():
     # B=2 rows of one prompt (G=4): the decoder runs 1·Tp + 2·Tc = 6 + 8 = 14 tokens, not 2·10 = 20
-    bd = estimate(TINY, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6)
+    cpu = DEVICES["cpu"]
+    bd = estimate(TINY, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6, caps=cpu)
     assert bd.term("checkpoint boundaries").bytes == 2 * 14 * 64 * 2  # L·n·D·c = 3584
     assert bd.term("shared prompts' K/V").bytes == 2 * 2 * 32 * 6 * 2  # 2·L·KV·hd·kt·Tp·c = 1536
-    no_ckpt = estimate(TINY, tiny_settings(micro_batch=2, grad_checkpointing=False), prompt_len=6)
+    no_ckpt = estimate(TINY, tiny_settings(micro_batch=2, grad_checkpointing=False), prompt_len=6, caps=cpu)
     saved = budget.layer_saved_bytes_per_token(TINY, 8, 2, 10)
     repeated = 2 * 6 * 2 * 64 * 2  # B·Tp·2·H·hd·c: the prompt's K/V for both rows, repeated to all heads
     # the prompt's pass through the last layer feeds nothing but its K/V: L·n - kt·Tp = 2·14 - 6 token-layers
     assert no_ckpt.term("activations of all layers").bytes == (2 * 14 - 6) * saved + 2 * repeated
     sliding = replace(TINY, full_attention=False)  # such models score each row on its own (policy.can_share_prompt)
-    assert estimate(sliding, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6).term(
+    assert estimate(sliding, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6, caps=cpu).term(
         "checkpoint boundaries").bytes == 5120
+
+
+def test_cuda_scores_every_row_whole_but_still_shares_the_prefill():
+    """On CUDA training runs each row's prompt (policy.share_scoring); generation still prefills it once."""
+    settings = tiny_settings(micro_batch=2, logprob_chunk=1, gen_batch=4)
+    cuda = estimate(TINY, settings, prompt_len=6, caps=DEVICES["cuda"])
+    assert cuda.term("checkpoint boundaries").bytes == 2 * 2 * 10 * 64 * 2  # L·B·T·D·c = 5120
+    assert "shared prompts' K/V" not in {t.name for t in cuda.terms}
+    unshared = estimate(TINY, settings, prompt_len=6, caps=DEVICES["cuda"], shared_prompts=False)
+    assert cuda.term("prefill (one layer, no grad)").bytes < unshared.term("prefill (one layer, no grad)").bytes
+    ran_shared = estimate(TINY, settings, prompt_len=6, caps=DEVICES["cuda"], shared_scoring=True)
+    assert ran_shared.term("checkpoint boundaries").bytes == 2 * 14 * 64 * 2  # a sweep that ran with it
+
+
+def test_policy_shares_scoring_where_the_planner_does():
+    import torch
+
+    from tinyrl import policy
+
+    for name in ("cpu", "cuda"):
+        bd = estimate(TINY, tiny_settings(micro_batch=2), prompt_len=6, caps=DEVICES[name])
+        planned = "shared prompts' K/V" in {t.name for t in bd.terms}
+        assert policy.share_scoring(torch.device(name)) == planned
 
 
 def test_prompt_length_is_capped():
@@ -390,13 +414,18 @@ def test_plan_is_fast_and_does_not_import_torch():
 
 def test_sampling_term_follows_top_p():
     s = tiny_settings(gen_batch=4)
-    full, nucleus = (estimate(TINY, s, prompt_len=6, top_p=p).term("sampling logits").bytes for p in (1.0, 0.9))
+    cpu, cuda = DEVICES["cpu"], DEVICES["cuda"]
+    full, nucleus = (estimate(TINY, s, prompt_len=6, top_p=p, caps=cpu).term("sampling logits").bytes
+                     for p in (1.0, 0.9))
     assert full == 4 * 1000 * 16  # Bg·V·(fp32 logits + probabilities + float64 CDF)
     assert nucleus == 4 * 1000 * 24  # + the sorted probabilities and their int64 order, in place of the probs
+    full, nucleus = (estimate(TINY, s, prompt_len=6, top_p=p, caps=cuda).term("sampling logits").bytes
+                     for p in (1.0, 0.9))
+    assert (full, nucleus) == (4 * 1000 * 16, 4 * 1000 * 40)  # CUDA's sort keeps 16 B/logit of its own buffers
 
 
 def test_the_plan_counts_the_top_p_it_is_given():
     full = plan(QWEN, parse_bytes("8G"), PROMPTS, base={"top_p": 1.0})
     nucleus = plan(QWEN, parse_bytes("8G"), PROMPTS, base={"top_p": 0.9})
     assert full.breakdown.term("sampling logits").bytes == full.gen_batch * QWEN.vocab * 16
-    assert nucleus.breakdown.term("sampling logits").bytes == nucleus.gen_batch * QWEN.vocab * 24
+    assert nucleus.breakdown.term("sampling logits").bytes == nucleus.gen_batch * QWEN.vocab * 40  # on CUDA

@@ -62,12 +62,15 @@ NF4_STATE_BYTES = 16 * 4 + 256 * 4 + 4  # per layer: NF4 code table, nested 8-bi
 
 # Bytes per [Bg, V] logit in a decoding step (policy.decode + next_tokens): the fp32 logits 4 + probabilities 4 +
 # float64 CDF 8 = 16 at top_p = 1; with top-p the probabilities sorted (4) and their int64 order (8) instead: 24.
-# Measured on CPU by bench/budget_cpu.py (15.98 and 23.97).
-SAMPLING_BYTES = {"all": 16, "top-p": 24}
+# Measured on CPU by bench/budget_cpu.py (15.98 and 23.97). On CUDA the sort (a segmented radix sort) holds 16 B
+# more of its own buffers: top-p measured 24.02 B above top_p = 1 on an H200 (bench/budget.py --top-p 0.9, qwen 8G).
+SAMPLING_BYTES = {"all": 16, "top-p": 24, "top-p cuda": 40}
 
 
-def sampling_bytes(top_p: float) -> int:
-    return SAMPLING_BYTES["all" if top_p >= 1.0 else "top-p"]
+def sampling_bytes(top_p: float, cuda: bool = False) -> int:
+    if top_p >= 1.0:
+        return SAMPLING_BYTES["all"]
+    return SAMPLING_BYTES["top-p cuda" if cuda else "top-p"]
 
 
 # per log-prob element in backward (policy._token_logprobs: gather - logsumexp): the fp32 logits, logsumexp's
@@ -545,11 +548,13 @@ def estimate(
     encoder_bytes: int = ENCODER_BYTES,
     shared_prompts: bool = True,
     top_p: float = 1.0,
+    shared_scoring: bool | None = None,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
     (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
     before the rows of a group shared their prompt (every row prefilled and trained on its own copy of the
-    prompt), to re-score measurements taken then."""
+    prompt), to re-score measurements taken then. `shared_scoring`: whether training runs a group's prompt once
+    (default: where policy.share_scoring does, i.e. not on CUDA, and only with shared_prompts)."""
     g, s = geometry, settings
     c = DTYPES[s.dtype]
     L, D, V, I, H = g.layers, g.hidden, g.vocab, g.intermediate, g.heads  # noqa: N806 - the shape vocabulary
@@ -606,7 +611,7 @@ def estimate(
     repeated = kp if shared_prompts else 0  # the k prefilled rows, alive while their copies are made
     prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (repeated + bg),
                     f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({repeated}+{bg})")
-    per_logit = sampling_bytes(top_p)
+    per_logit = sampling_bytes(top_p, caps.cuda)
     sampling = add("generation", "sampling logits", bg * V * per_logit,
                    f"Bg·V·{per_logit} = {bg}·{V}·{per_logit}" + (f" (top_p {top_p})" if top_p < 1 else ""))
     if dequant:
@@ -621,7 +626,9 @@ def estimate(
     # K/V are read), so autograd keeps L-1 layers' worth of it.
     b, k = s.micro_batch, s.logprob_chunk
     kt = prefill_rows(b, s.group_size)
-    shared = shared_prompts and g.full_attention and kt < b and tp > 1
+    if shared_scoring is None:
+        shared_scoring = shared_prompts and not caps.cuda
+    shared = shared_scoring and g.full_attention and kt < b and tp > 1
     n = kt * tp + b * tc if shared else b * t  # tokens through the decoder
     tokens = f"(kt·Tp + B·Tc) = ({kt}·{tp} + {b}·{tc})" if shared else f"B·T = {b}·{t}"
     grads = add("training", "LoRA grads (fp32)", 4 * n_lora, "4 B per LoRA param")

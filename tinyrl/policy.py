@@ -415,7 +415,7 @@ def completion_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Te
     n_prefix = input_ids.shape[1] - n_completion - 1  # prompt tokens that only feed the cache
     position_ids = positions(attention_mask)  # [B, T]
     unique = owner = None
-    if n_prefix >= 1 and can_share_prompt(decoder):
+    if n_prefix >= 1 and share_scoring(input_ids.device) and can_share_prompt(decoder):
         prefix = torch.cat([input_ids[:, :n_prefix], attention_mask[:, :n_prefix]], -1)  # [B, 2*n_prefix]
         unique, owner = torch.unique(prefix, dim=0, return_inverse=True)  # [k, 2*n_prefix], [B]
     if unique is None or len(unique) == len(input_ids):  # nothing to share
@@ -431,6 +431,17 @@ def completion_hidden(decoder, input_ids: torch.Tensor, attention_mask: torch.Te
         return decoder(input_ids=input_ids[:, n_prefix:-1], attention_mask=attention_mask[:, :-1],
                        position_ids=position_ids[:, n_prefix:-1], use_cache=False,
                        **{keyword: kv.for_rows(owner)}).last_hidden_state  # [B, Tc, H]
+
+
+def share_scoring(device: torch.device) -> bool:
+    """Whether training runs a group's shared prompt once on this device (budget.estimate plans the same way).
+
+    On a CPU, compute is the cost: sharing saves (G-1)/G of the prompt tokens' work. On CUDA, scoring a
+    micro-batch of a small model is bound by kernel launches, and the prompt's own decoder call doubles them: on an
+    H200, the training phase took 1.5-1.7x as long with sharing as without, for 2-6 % less training memory (rows of
+    equal settings in bench/results/budget_gpu.json, 2026-11-26, against the 2026-11-25 sweep). So CUDA scores
+    every row whole. Generation shares the prompt's prefill on every device."""
+    return device.type != "cuda"
 
 
 @functools.lru_cache(maxsize=None)
