@@ -65,12 +65,14 @@ def measure(model_dir: str, vram: str, data: str | None, knobs: dict, prompts: i
     """
     import dataclasses
     import gc
+    import shutil
 
     import torch
 
     from tinyrl import loop
     from tinyrl.config import Config
 
+    shutil.rmtree(out, ignore_errors=True)  # this bench's own run folder: never resume an earlier row's run
     cfg = dataclasses.replace(Config(task="gsm8k", data=data, model=model_dir, vram=vram, steps=steps, out=out,
                                      save_every=10_000, sample_every=10_000, prompts_per_step=prompts,
                                      top_p=top_p), **knobs)
@@ -233,6 +235,7 @@ def main() -> None:
               "settings": {"group_size": 16, "max_prompt_tokens": 256, "max_new_tokens": 200, "method": "r1",
                            "shared_prompts": True, "top_p": args.top_p,
                            "shared_scoring": policy.share_scoring(torch.device("cuda")),
+                           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                            "steps": args.steps, "headline rows (P=16)": [f"{m} {v}" for m, v in HEADLINE]},
               "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     measured_by_knobs: dict[str, dict] = {}

@@ -2,21 +2,23 @@
 # The GPU checks, in the form they run on a lent H100/H200 (the `device` tool, which carries .whl/ and .gpu/):
 #   .whl/   wheels the GPU image lacks: usearch + numkong, bitsandbytes, trl, datasets, dill, multiprocess
 #   .gpu/   a GSM8K sample (.gpu/gsm8k/{train,test}.jsonl, the first 200/50 lines of ../shared/data/gsm8k)
-# Usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|trl     Results land in $OUT (default
+# Usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|frag|trl     Results land in $OUT (default
 # /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the same warm
-# machine can add rows to it (`second`).
+# machine (issue it at once: the machine goes back after 30 s idle) can add rows to it (`second`).
 #   all:    first, then second (one call, when the device time allows ~12 minutes)
 #   first:  tests, the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G) and the 12G/16G rows
-#           until LIMIT (default 300 s), then the top_p row
-#   second: trl, then the rows of bench/budget.py not yet measured (the sweep kept by `first`) until LIMIT
+#           until LIMIT (default 270 s)
+#   second: trl, frag, then the rows of bench/budget.py not yet measured (the sweep kept by `first`) until LIMIT
 #   tests:  tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder)
 #   quick:  tests + the headline rows of bench/budget.py
-#   sweep:  the rows of bench/budget.py not already in the kept sweep (or .gpu/budget_gpu.json)
+#   sweep:  the rows of bench/budget.py not already in the kept sweep
 #   top_p:  bench/budget.py --rows qwen:8G --top-p 0.9 (the sampling sort's working set on CUDA)
-#   trl:    bench/vs_trl.py --device cuda (Qwen2.5-0.5B geometry, P=8 G=16, 200 tokens)
-# LIMIT / TRL_LIMIT (seconds): start no new row or run after that. Device time on 2026-11-25 (H200, before
-# prompts shared their prefill): tests 0.5 min, headline rows 3.5 min, 4 more rows 3.5 min, trl 2.5 min, plus
-# about 1 min to start the machine.
+#   frag:   bench/budget.py --rows falcon:16G with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the row whose
+#           growing KV cache fragmented the allocator on 2026-11-26)
+#   trl:    bench/vs_trl.py --device cuda (Qwen2.5-0.5B geometry, P=8 G=16, 200 tokens), both tools
+# LIMIT / TRL_LIMIT (seconds): start no new row or run after that; TRL_LIMIT must exceed tinyrl's run (~110 s)
+# or TRL never starts. Device time on 2026-11-26 (H200): start ~1 min, `first` 6.3 min (tests 1 min, 10 rows),
+# top_p 0.7 min, tinyrl's vs-TRL run 1.8 min, TRL's 1.3 min, one more sweep row 1.1 min.
 set -uo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 \
        TOKENIZERS_PARALLELISM=false
@@ -42,8 +44,8 @@ sweep() {  # sweep LIMIT [budget.py args...]
   cp "$OUT/budget_gpu.json" $KEEP/ 2>/dev/null
 }
 
-prior() {  # the sweep so far: this machine's, else the one committed for the device
-  if [ -f $KEEP/budget_gpu.json ]; then echo $KEEP/budget_gpu.json; else echo .gpu/budget_gpu.json; fi
+prior() {  # --prior and the sweep this machine has kept so far, if any
+  if [ -f $KEEP/budget_gpu.json ]; then echo --prior $KEEP/budget_gpu.json; fi
 }
 
 top_p() {
@@ -59,15 +61,20 @@ trl() {  # trl LIMIT
     | grep -v "$quiet" | tee "$OUT/vs_trl_log.txt"
 }
 
+frag() {
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 300 python3 bench/budget.py --data .gpu/gsm8k \
+    --rows falcon:16G --out "$OUT/budget_gpu_expandable.json" 2>&1 | grep -v "$quiet" | tee "$OUT/budget_frag_log.txt"
+}
+
 first() {
   tests
-  sweep "${LIMIT:-300}" --rows qwen:8G,llama:8G,falcon:8G,qwen:4G,qwen:12G,llama:12G,falcon:12G,qwen:16G,llama:16G,falcon:16G
-  top_p
+  sweep "${LIMIT:-270}" --rows qwen:8G,llama:8G,falcon:8G,qwen:4G,qwen:12G,llama:12G,falcon:12G,qwen:16G,llama:16G,falcon:16G
 }
 
 second() {
-  trl "${TRL_LIMIT:-100}"
-  sweep "${LIMIT:-120}" --prior "$(prior)"
+  trl "${TRL_LIMIT:-200}"
+  frag
+  sweep "${LIMIT:-60}" $(prior)
 }
 
 case "${1:-}" in
@@ -76,8 +83,9 @@ case "${1:-}" in
   second) second ;;
   tests) tests ;;
   quick) tests; sweep 1000 --rows qwen:8G,llama:8G,falcon:8G,qwen:4G ;;
-  sweep) sweep "${LIMIT:-240}" --prior "$(prior)" ;;
+  sweep) sweep "${LIMIT:-240}" $(prior) ;;
   top_p) top_p ;;
+  frag) frag ;;
   trl) trl "${LIMIT:-120}" ;;
-  *) echo "usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|trl" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|frag|trl" >&2; exit 2 ;;
 esac

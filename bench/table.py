@@ -71,23 +71,35 @@ def gpu_rows() -> list[tuple[str, str, str, str]]:
         hw = f"{sweep['hardware']['gpu']} (torch {sweep['hardware']['torch'].split('+')[0]}, CUDA {sweep['hardware']['cuda']})"
         rows = {(r["model"], r["vram"]): r for r in sweep["rows"] if "mem/device" in r["measured"]}
         names = {"qwen": "Qwen2.5-0.5B", "llama": "Llama-3.2-1B", "falcon": "Falcon3-1B"}
-        for vram in ("8G", "4G"):
-            got = [r for (m, v), r in rows.items() if v == vram and not r["measured"].get("same_settings_as")]
+        for vram in ("8G", "4G", "12G", "16G"):
+            got = [r for (m, v), r in rows.items() if v == vram]
             if not got:
                 continue
-            cells = [f"{names[r['model']]} {r['plan']['knobs']['quant'].replace('none', '16-bit')}: "
-                     f"{'fits' if r['fits'] else 'DOES NOT FIT'}, needs {r['needed_bytes'] / 2**30:.2f} GiB, "
-                     f"{r['measured']['time/step']:.0f} s/step (P={r['measured']['prompts_per_step']})" for r in got]
+
+            def cell(r: dict) -> str:
+                m = r["measured"]
+                if m.get("same_settings_as"):
+                    return f"{names[r['model']]}: fits, the {m['same_settings_as']} settings"
+                verdict = "fits" if r["fits"] else f"DOES NOT FIT ({m.get('oom/backoffs', 0)} OOM back-off)"
+                quant = {"none": "16-bit", "4bit": "4-bit"}[r["plan"]["knobs"]["quant"]]
+                return (f"{names[r['model']]} {quant}: {verdict}, "
+                        f"needs {r['needed_bytes'] / 2**30:.2f} GiB, {m['time/step']:.0f} s/step "
+                        f"(P={m['prompts_per_step']})")
+
+            cells = [cell(r) for r in got]
             out.append((f"`fit --vram {vram}` under a hard {vram[:-1]} GiB cap, random-init geometries, G=16, "
                         "256+200 tokens", "; ".join(cells), hw, "bench/budget.py"))
         measured = list(rows.values())
         for key, label in (("error_generate", "generation"), ("error_train", "training")):
             ran = [r[key] for r in measured]
             now = [r["rescored"][key] for r in measured if "rescored" in r]
-            cell = f"{100 * min(ran):+.0f} … {100 * max(ran):+.0f} % as run"
-            if now:
+            span = f"{100 * min(ran):+.0f} … {100 * max(ran):+.0f} %"
+            cell = f"{span} as run"
+            if now and f"{100 * min(now):+.0f} … {100 * max(now):+.0f} %" != span:
                 cell += f"; {100 * min(now):+.0f} … {100 * max(now):+.0f} % with the constants calibrated on them"
-            out.append((f"planner vs measured peak allocated, {label} phase ({len(measured)} GPU rows)", cell, hw,
+            runs = sum(not r["measured"].get("same_settings_as") for r in measured)
+            out.append((f"planner vs measured peak allocated, {label} phase ({len(measured)} GPU rows, {runs} runs)",
+                        cell, hw,
                         "bench/budget.py"))
     out += vs_trl_rows("vs_trl_gpu.json", "Qwen2.5-0.5B geometry, bf16", "CUDA peak allocated",
                        "cuda_allocated_gib", "bench/vs_trl.py --device cuda")

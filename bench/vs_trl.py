@@ -6,6 +6,8 @@ alternately in one invocation. Writes bench/results/vs_trl.json (--device cuda: 
     python bench/vs_trl.py --model PATH --rounds 3 --steps 5
     python bench/vs_trl.py --device cuda --model PATH --prompts 8 --group 16 --new-tokens 200 --steps 3 --rounds 1
     python bench/vs_trl.py --dtype bf16  # both tools with bf16 base weights on CPU (fast on avx512_bf16/AMX CPUs)
+    python bench/vs_trl.py --merge trl.json --out bench/results/vs_trl_gpu.json  # add a run made alone with
+        # `--child trl --result trl.json` (same settings, same machine) to a results file that skipped it
 
 Needs TRL (the `bench` extra: `pip install --no-deps trl` next to an existing torch) and GSM8K train at
 ../shared/data/gsm8k/train.jsonl (or --data). The peer follows ../shared/docs/measured.md: TRL + peft LoRA r=16
@@ -405,6 +407,36 @@ def render_table(summary: dict, ratios: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(out_path: str, child_path: str) -> int:
+    """Add a run that `--child TOOL --result FILE` wrote on the same machine, with the same settings, to a results
+    file whose invocation skipped it (its --time-limit passed): the device time ran out before the pair finished."""
+    global P, G, NEW_TOKENS, DTYPE
+    with open(out_path) as f:
+        old = json.load(f)
+    with open(child_path) as f:
+        row = json.load(f)
+    c = old["config"]
+    P, G, NEW_TOKENS, DTYPE = c["prompts_per_step"], c["group_size"], c["max_new_tokens"], c["dtype"]
+    runs = old["runs"]
+    taken = {r["round"] for r in runs if r["tool"] == row["tool"]}
+    row["round"] = min({r["round"] for r in runs} - taken, default=max(taken, default=0) + 1)
+    row["peak_rss_gib"] = round(row["peak_rss_bytes"] / 2**30, 3)
+    row["merged_from"] = os.path.basename(child_path)
+    keep = ("hardware", "date", "command", "trl_flush_denormal", "MALLOC_MMAP_THRESHOLD_", "model", "data", "config",
+            "counted", "time_limit_s", "skipped")
+    head = {k: old[k] for k in keep if k in old}
+    head["skipped"] = [s for s in head.get("skipped", []) if s != f"round {row['round']} {row['tool']}"]
+    head["merged"] = (f"round {row['round']} {row['tool']}: run alone afterwards on the same machine (bench/vs_trl.py "
+                      f"--child {row['tool']} with the same settings) and added by --merge")
+    device = "cuda" if old["hardware"].get("gpu") else "cpu"
+    results = report(head, runs + [row], time.perf_counter() - old["wall_s"] - row.get("wall_s", 0), device,
+                     old.get("trl_flush_denormal", False))
+    write_json_atomic(out_path, results)
+    print(results["table"] or "no pair of runs yet")
+    print(f"wrote {out_path}")
+    return 0
+
+
 def report(head: dict, runs: list[dict], started: float, device: str, trl_flush_denormal: bool) -> dict:
     """The results JSON from the runs so far (failed runs carry an error and are left out of the summary)."""
     ok = [r for r in runs if "error" not in r]
@@ -415,7 +447,8 @@ def report(head: dict, runs: list[dict], started: float, device: str, trl_flush_
     results["runs"] = [{k: v for k, v in r.items() if k != "questions"} for r in runs]
     results["wall_s"] = round(time.perf_counter() - started, 1)
     results["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["same_prompts"] = all(r["questions"] == ok[0]["questions"] for r in ok) if ok else None
+    asked = [r["questions"] for r in ok if "questions" in r]  # runs merged from a saved file have none
+    results["same_prompts"] = all(q == asked[0] for q in asked) if ok and len(asked) == len(ok) else None
     results["prompt_tokens_match"] = (all(r.get("prompt_tokens_match_tinyrl") for r in by_tool["trl"])
                                       if by_tool["trl"] else None)
     metrics = dict(METRICS, **(CUDA_METRICS if device == "cuda" else {}))
@@ -489,6 +522,8 @@ def main() -> int:
     ap.add_argument("--verbose", action="store_true", help="show each run's output as it comes (default on cuda)")
     ap.add_argument("--trl-flush-denormal", action="store_true",
                     help="diagnostic: give TRL tinyrl's torch.set_flush_denormal(True) (off: TRL as shipped)")
+    ap.add_argument("--merge", metavar="CHILD_JSON", help="add a run written by --child TOOL --result CHILD_JSON "
+                    "(same machine and settings) to the results file --out, and re-derive the ratios")
     ap.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -503,6 +538,10 @@ def main() -> int:
         write_json_atomic(a.result, out)
         return 0
 
+    if a.merge:
+        if not a.out:
+            raise SystemExit("--merge needs --out: the results file to add the run to")
+        return merge(a.out, a.merge)
     if a.smoke:
         a.rounds, a.steps = 1, 2
         if a.out is None:  # a smoke run never overwrites the real result

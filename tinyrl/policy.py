@@ -439,8 +439,8 @@ def share_scoring(device: torch.device) -> bool:
     On a CPU, compute is the cost: sharing saves (G-1)/G of the prompt tokens' work. On CUDA, scoring a
     micro-batch of a small model is bound by kernel launches, and the prompt's own decoder call doubles them: on an
     H200, the training phase took 1.5-1.7x as long with sharing as without, for 2-6 % less training memory (rows of
-    equal settings in bench/results/budget_gpu.json, 2026-11-26, against the 2026-11-25 sweep). So CUDA scores
-    every row whole. Generation shares the prompt's prefill on every device."""
+    equal settings in bench/results/budget_gpu.json, with sharing, and budget_gpu_2026-11-25.json, without). So
+    CUDA scores every row whole. Generation shares the prompt's prefill on every device."""
     return device.type != "cuda"
 
 
