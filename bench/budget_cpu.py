@@ -9,12 +9,13 @@ peak resident memory above the memory before it (VmHWM after resetting it throug
 glibc told to mmap every allocation >= 64 KiB so freed tensors leave the resident set) is compared with
 `tinyrl.budget.estimate` for the same shapes, in fp32 and in bf16 (base in bf16, LoRA in fp32, as on a GPU).
 What this checks: the activation, log-prob, KV-cache, prefill and sampling terms (the last on
-64 x 151936 logits, as `policy.decode` samples them). What it cannot: the CUDA context,
+64 x 151936 logits, as `policy.decode` samples them), and a decoding step's attention (a grouped-query model
+with a long left-padded cache, where one layer's K/V repeated to every head is the peak). What it cannot: the CUDA context,
 workspaces, fragmentation, bitsandbytes (those need bench/budget.py on a GPU).
 
     OMP_NUM_THREADS=2 python bench/budget_cpu.py   # ~10 min on 2 cores (bf16 is slow on CPU); writes
                                                    # bench/results/budget_cpu.json
-    OMP_NUM_THREADS=2 python bench/budget_cpu.py --sampling-only   # seconds: the sampling rows only
+    OMP_NUM_THREADS=2 python bench/budget_cpu.py --decode-only   # a minute: the sampling and attention rows only
 """
 
 from __future__ import annotations
@@ -219,6 +220,59 @@ def sampling_case() -> list[dict]:
     return rows
 
 
+# A decoding step whose peak is attention: 16 query heads on 2 key/value heads, a 2-layer model with a small
+# vocabulary, and 2 prompts (480 and 512 tokens, so left padding and a mask) x 16 completions of 8 tokens.
+ATTN_MODEL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=512, vocab_size=512, tie_word_embeddings=True, model_type="llama")
+ATTN_PROMPTS, ATTN_TP, ATTN_GROUP, ATTN_TOKENS = 2, 512, 16, 8
+
+
+def attention_case() -> dict:
+    """policy.generate on ATTN_MODEL: the generation phase's peak vs the plan, where the plan's largest decoding
+    term is `decode attention` (and what the plan would be without that term)."""
+    import torch
+    from randmodel import char_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tinyrl import budget, policy
+    from tinyrl.types import Example, PromptBatch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    cfg = LlamaConfig(**{k: v for k, v in ATTN_MODEL.items() if k != "model_type"}, attn_implementation="sdpa",
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, ATTN_MODEL["vocab_size"], (ATTN_PROMPTS, ATTN_TP))
+    mask = torch.ones_like(ids)
+    ids[0, :32], mask[0, :32] = 0, 0  # the first prompt is 480 tokens
+    prompts = PromptBatch(examples=tuple(Example("q", "1", i) for i in range(ATTN_PROMPTS)),
+                          texts=("",) * ATTN_PROMPTS, input_ids=ids, attention_mask=mask)
+    rows = ATTN_PROMPTS * ATTN_GROUP
+    tokenizer = char_tokenizer(ATTN_MODEL["vocab_size"])
+    peak, out = measure(lambda: policy.generate(model, tokenizer, prompts, group_size=ATTN_GROUP,
+                                                max_new_tokens=ATTN_TOKENS, gen_batch=rows,
+                                                min_new_tokens=ATTN_TOKENS))
+    assert out.completion_ids.shape == (rows, ATTN_TOKENS)
+    g = budget.geometry_from_config(ATTN_MODEL, "gqa-16-on-2")
+    s = budget.Settings(group_size=ATTN_GROUP, prompts_per_step=ATTN_PROMPTS, gen_batch=rows, micro_batch=1,
+                        logprob_chunk=1, lora_rank=8, quant="none", dtype="fp32", grad_checkpointing=True,
+                        max_prompt_tokens=ATTN_TP, max_new_tokens=ATTN_TOKENS)
+    bd = budget.estimate(g, s, ATTN_TP, budget.DEVICES["cpu"], encoder_bytes=0)
+    term = {x.name: x.bytes for x in bd.terms}
+    without = max(term["prompt KV before and after repeating"] + term["prefill (one layer, no grad)"],
+                  term["KV cache"] + max(term["KV growth (torch.cat of one layer)"], term["sampling logits"]))
+    import transformers
+
+    return {"transformers": transformers.__version__, "repeats_kv": budget.decode_repeats_kv(),
+            "rows": rows, "cache_tokens": ATTN_TP + ATTN_TOKENS, "measured_bytes": peak,
+            "planned_bytes": bd.generation, "error": round((bd.generation - peak) / peak, 3),
+            "planned_without_attention_term": without, "error_without": round((without - peak) / peak, 3),
+            "terms": {k: v for k, v in term.items() if k in (
+                "KV cache", "KV growth (torch.cat of one layer)", "sampling logits",
+                "decode attention: one layer's K/V repeated to H heads", "prompt KV before and after repeating",
+                "prefill (one layer, no grad)")}}
+
+
 def hardware() -> dict:
     import torch
 
@@ -232,25 +286,35 @@ def main() -> None:
     if len(sys.argv) == 6 and sys.argv[1] == "--one":
         print(json.dumps(one_case(sys.argv[2], sys.argv[3] == "ckpt", int(sys.argv[4]), sys.argv[5] == "gen")))
         return
-    if sys.argv[1:] == ["--one-sampling"]:
-        print(json.dumps(sampling_case()))
+    if sys.argv[1:] == ["--one-decode"]:
+        print(json.dumps({"sampling": sampling_case(), "attention": attention_case()}))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, __file__, "--one-sampling"], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, __file__, "--one-decode"], env=env, capture_output=True, text=True,
                           check=False)
     if done.returncode:
-        sys.exit(f"sampling check failed:\n{done.stderr[-3000:]}")
-    sampling = json.loads(done.stdout.strip().splitlines()[-1])
+        sys.exit(f"decoding check failed:\n{done.stderr[-3000:]}")
+    decode = json.loads(done.stdout.strip().splitlines()[-1])
+    sampling, attention = decode["sampling"], decode["attention"]
     print(f"sampling, {SAMPLING_ROWS} x {SAMPLING_VOCAB} logits (bytes per logit):")
     for r in sampling:
         print(f"  {r['dtype']:<9} top_p {r['top_p']}: measured {r['measured_bytes_per_logit']:5.2f}   "
               f"planned {r['planned_bytes_per_logit']}   error {r['error']:+.0%}")
-    if sys.argv[1:] == ["--sampling-only"]:  # refresh that part of the results file only
-        result = json.loads(RESULTS.read_text())
-        result.update(sampling=sampling, sampling_date=time.strftime("%Y-%m-%d"))
+    a = attention
+    print(f"decoding attention, {a['rows']} rows x {a['cache_tokens']} cached tokens, 16 heads on 2 K/V heads, "
+          f"transformers {a['transformers']} ({'repeats K/V' if a['repeats_kv'] else 'packs the query heads'}): "
+          f"measured {a['measured_bytes'] / 2**20:.1f} MiB   planned {a['planned_bytes'] / 2**20:.1f} MiB   "
+          f"error {a['error']:+.0%}   (without the attention term: {a['error_without']:+.0%})")
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    # one row per transformers version (run the script from an environment with another one to add its row)
+    attention = [r for r in old.get("attention", []) if r["transformers"] != a["transformers"]] + [a]
+    if sys.argv[1:] == ["--decode-only"]:  # refresh that part of the results file only
+        result = old
+        result.update(sampling=sampling, attention=attention, decode_date=time.strftime("%Y-%m-%d"))
+        result.pop("sampling_date", None)
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote the sampling rows of {RESULTS.relative_to(ROOT)}")
+        print(f"wrote the decoding rows of {RESULTS.relative_to(ROOT)}")
         return
     cases = []
     for dtype_name, ckpt, chunk, generate in CASES:
@@ -276,7 +340,7 @@ def main() -> None:
         "model": MODEL, "lora_rank": RANK, "prompt_tokens": TP, "completion_tokens": TC, "micro_batch": MICRO,
         "gen_batch": GEN_BATCH, "gen_tokens": GEN_TOKENS,
         "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "cases": cases, "sampling": sampling,
-        "sampling_date": time.strftime("%Y-%m-%d"),
+        "attention": attention, "attention_model": ATTN_MODEL, "decode_date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -96,7 +96,7 @@ def gpu_rows() -> list[tuple[str, str, str, str]]:
             span = f"{100 * min(ran):+.0f} … {100 * max(ran):+.0f} %"
             cell = f"{span} as run"
             if now and f"{100 * min(now):+.0f} … {100 * max(now):+.0f} %" != span:
-                cell += f"; {100 * min(now):+.0f} … {100 * max(now):+.0f} % with the constants calibrated on them"
+                cell += f"; {100 * min(now):+.0f} … {100 * max(now):+.0f} % with the current planner"
             runs = sum(not r["measured"].get("same_settings_as") for r in measured)
             out.append((f"planner vs measured peak allocated, {label} phase ({len(measured)} GPU rows, {runs} runs)",
                         cell, hw,

@@ -89,6 +89,24 @@ def test_kv_cache_bytes():
     assert bd.term("KV cache").bytes == 2 * 2 * 2 * 16 * 10 * 3 * 2 == 7680
 
 
+def test_decoding_step_is_the_largest_of_its_moments():
+    """TINY has 4 query heads on 2 K/V heads: where transformers repeats K/V in a padded decoding step, one layer's
+    repeated K and V are 2·H·hd·T·Bg·c; the step's peak is the KV cache plus the largest of growth, attention and
+    sampling (they happen one after another)."""
+    s = tiny_settings(gen_batch=3)
+    bd = estimate(TINY, s, prompt_len=6, repeats_kv=True)
+    attention = bd.term("decode attention: one layer's K/V repeated to H heads").bytes
+    assert attention == 2 * 4 * 16 * 10 * 3 * 2  # 7680
+    growth, sampling = bd.term("KV growth (torch.cat of one layer)").bytes, bd.term("sampling logits").bytes
+    assert (growth, sampling) == (2 * 16 * 10 * 3 * 2, 3 * 1000 * 16)
+    prefill = bd.term("prompt KV before and after repeating").bytes + bd.term("prefill (one layer, no grad)").bytes
+    assert bd.generation == max(prefill, bd.term("KV cache").bytes + max(growth, attention, sampling))
+    packed = estimate(TINY, s, prompt_len=6, repeats_kv=False)  # newer transformers fold the query heads instead
+    assert "decode attention: one layer's K/V repeated to H heads" not in {t.name for t in packed.terms}
+    no_gqa = estimate(replace(TINY, kv_heads=4), s, prompt_len=6, repeats_kv=True)
+    assert "decode attention: one layer's K/V repeated to H heads" not in {t.name for t in no_gqa.terms}
+
+
 def test_lora_param_count_and_state():
     # per layer Σ(in+out): q 64+64, k 64+32, v 64+32, o 64+64, gate 64+128, up 64+128, down 128+64 = 1024
     assert TINY.lora_params(1) == 2 * 1024

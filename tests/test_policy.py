@@ -413,3 +413,42 @@ def test_lean_lora_leaves_dora_and_dropout_to_peft(tiny_model, extra):
     lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
     with policy.lean_lora(model):
         assert lora_layers and not any("forward" in vars(m) for m in lora_layers)
+
+
+def test_planner_knows_whether_decoding_repeats_kv(tiny_model, monkeypatch):
+    """budget.decode_repeats_kv says what the installed transformers does in a left-padded decoding step of a
+    grouped-query model (the tiny model has 4 heads on 2 K/V heads): repeat K/V to every head, or not."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from tinyrl import budget
+
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
+    keys = []  # the length of every key repeat_kv is given
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda h, n: keys.append(h.shape[2]) or real(h, n))
+    policy.generate(model, tok, prompts, group_size=2, max_new_tokens=3, gen_batch=4)
+    decoding = [n for n in keys if n >= ids.shape[1]]  # the prefill's keys are all but the last prompt token
+    assert bool(decoding) == budget.decode_repeats_kv()
+
+
+def test_decode_frees_each_steps_logits_before_the_next_forward(tiny_model, monkeypatch):
+    """The plan's decoding step is a max of moments (growth, attention, sampling), so no [b, V] logits may be
+    alive while the next step's decoder runs."""
+    import gc
+
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    decoder = policy.causal_lm(model).get_decoder()
+    alive = []
+
+    def counting(*args, **kwargs):
+        alive.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o) and o.dim() == 2 and o.shape[1] == vocab))
+        return type(decoder).forward(decoder, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counting)
+    policy.generate(model, tok, prompts, group_size=2, max_new_tokens=4, gen_batch=4, min_new_tokens=4)
+    assert len(alive) == 5 and alive == [0] * 5  # the prefill, then 4 decoding steps

@@ -16,9 +16,11 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
     grads freed between steps (`zero_grad(set_to_none=True)`);
   - generation: policy.decode with a DynamicCache, Bg sequences at a time; the distinct prompts of those Bg are
     prefilled once and their cache rows repeated for each completion (policy.shared_prefill);
+  - a decoding step of a grouped-query model repeats one layer's K/V to every head where transformers' SDPA
+    path does so (`decode_repeats_kv`);
   - training: the no-grad reference pass (adapter disabled) of a micro-batch, then its forward/backward;
-    the distinct prompts of a micro-batch run once and each row's completion attends to its prompt's K/V
-    (policy.completion_hidden), for full-attention models;
+    on CPUs the distinct prompts of a micro-batch run once and each row's completion attends to its prompt's K/V
+    (policy.completion_hidden), for full-attention models; on CUDA every row runs whole (policy.share_scoring);
     gradient checkpointing is non-reentrant at each decoder layer; log-probs only at completion positions,
     `logprob_chunk` rows at a time, each chunk's logits recomputed in backward (torch.utils.checkpoint around
     lm_head + gather - logsumexp), so only one chunk's [chunk, Tc, V] tensors are ever alive.
@@ -540,6 +542,27 @@ def layer_nograd_bytes_per_token(g: ModelGeometry, c: int, seq: int, fused_atten
     return nograd
 
 
+_DECODE_REPEATS_KV: dict[str, bool] = {}
+
+
+def decode_repeats_kv() -> bool:
+    """Whether the installed transformers, with a mask (left padding), repeats a grouped-query layer's K/V to all
+    heads in each decoding step (`repeat_kv`), rather than folding the query heads into the K/V heads
+    (`pack_gqa`, in newer releases; 5.17 has it not, 5.24 has). Read from its source, so the planner stays fast;
+    True (the larger plan) when it cannot tell."""
+    if "answer" not in _DECODE_REPEATS_KV:
+        try:
+            import importlib.util
+
+            spec = importlib.util.find_spec("transformers")
+            folder = spec.submodule_search_locations[0]  # type: ignore[union-attr,index]
+            with open(os.path.join(folder, "integrations", "sdpa_attention.py")) as f:
+                _DECODE_REPEATS_KV["answer"] = "pack_gqa" not in f.read()
+        except (AttributeError, ImportError, IndexError, OSError, TypeError, ValueError):
+            _DECODE_REPEATS_KV["answer"] = True
+    return _DECODE_REPEATS_KV["answer"]
+
+
 def estimate(
     geometry: ModelGeometry,
     settings: Settings,
@@ -549,12 +572,14 @@ def estimate(
     shared_prompts: bool = True,
     top_p: float = 1.0,
     shared_scoring: bool | None = None,
+    repeats_kv: bool | None = None,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
     (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
     before the rows of a group shared their prompt (every row prefilled and trained on its own copy of the
     prompt), to re-score measurements taken then. `shared_scoring`: whether training runs a group's prompt once
-    (default: where policy.share_scoring does, i.e. not on CUDA, and only with shared_prompts)."""
+    (default: where policy.share_scoring does, i.e. not on CUDA, and only with shared_prompts). `repeats_kv`:
+    whether decoding repeats K/V to every head (default: what the installed transformers does)."""
     g, s = geometry, settings
     c = DTYPES[s.dtype]
     L, D, V, I, H = g.layers, g.hidden, g.vocab, g.intermediate, g.heads  # noqa: N806 - the shape vocabulary
@@ -614,10 +639,20 @@ def estimate(
     per_logit = sampling_bytes(top_p, caps.cuda)
     sampling = add("generation", "sampling logits", bg * V * per_logit,
                    f"Bg·V·{per_logit} = {bg}·{V}·{per_logit}" + (f" (top_p {top_p})" if top_p < 1 else ""))
+    attention = 0
+    if repeats_kv is None:
+        repeats_kv = decode_repeats_kv()
+    if g.heads > g.kv_heads and repeats_kv:  # grouped-query attention with a mask (left padding): transformers
+        # repeats one layer's K and V to all H heads in every decoding step, however long the cache is
+        attention = add("generation", "decode attention: one layer's K/V repeated to H heads",
+                        2 * g.q_dim * t * bg * c, f"2·H·hd·T·Bg·c = 2·{g.heads}·{g.head_dim}·{t}·{bg}·{c}")
     if dequant:
         add("generation", "dequantised weight (NF4 -> c)", dequant, "max(in·out)·c")
-    generation = max(prompt_kv + prefill, kv + growth + sampling) + dequant
-    generation_rule = "max(prompt KV + prefill, KV + growth + sampling)" + (" + dequantised" if dequant else "")
+    # a decoding step's moments come one after another: a layer's cache grows, then its attention runs; sampling
+    # follows the last layer (policy.decode frees the logits before the next step)
+    generation = max(prompt_kv + prefill, kv + max(growth, attention, sampling)) + dequant
+    generation_rule = ("max(prompt KV + prefill, KV + max(growth, attention, sampling))"
+                       + (" + dequantised" if dequant else ""))
 
     # training: reference pass, then forward/backward of one micro-batch, then the optimiser step -------
     # With shared prompts the kt distinct prompts of a micro-batch run once (kt·Tp tokens) and its B completions

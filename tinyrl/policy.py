@@ -269,6 +269,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, 
         if step < min_new_tokens:
             logits[:, eos_t] = -torch.inf
         token = torch.where(done, pad, next_tokens(logits, temperature, top_p, greedy))  # [b]
+        del logits, out  # not alive during the next step's forward (budget: generation is a max of moments)
         new.append(token)
         done |= torch.isin(token, eos_t)
         if bool(done.all()):
