@@ -130,6 +130,7 @@ def rescore(path: str) -> None:
     scoring = result["settings"].get("shared_scoring", shared)
     # decoding repeated K/V to every head under transformers 5.17 (the version of the sweeps before this key)
     repeats = result["settings"].get("decode_repeats_kv", result["hardware"].get("transformers") == "5.17.0")
+    laid_out = result["settings"].get("laid_out_cache", False)  # sweeps before policy.lay_out grew the cache
     for row in result["rows"]:
         m = row["measured"]
         if "mem/device" not in m:
@@ -138,7 +139,8 @@ def rescore(path: str) -> None:
         g = budget.geometry_from_config(budget.PUBLIC_CONFIGS[row["geometry"]])
         bd = budget.estimate(g, budget.Settings(**knobs), row["plan"]["prompt_len"], caps, encoder_bytes=0,
                              shared_prompts=shared, top_p=result["settings"].get("top_p", 1.0),
-                             shared_scoring=scoring, repeats_kv=repeats)
+                             shared_scoring=scoring, repeats_kv=repeats,
+                             laid_out=laid_out)
         now = {"generate": bd.fixed + bd.generation, "train": bd.fixed + bd.training, "device": bd.peak}
         row["rescored"] = {f"error_{k}": round((v - m[f"mem/{k}"]) / m[f"mem/{k}"], 3) for k, v in now.items()}
         row["rescored"]["error_needed"] = round((bd.peak - row["needed_bytes"]) / row["needed_bytes"], 3)
@@ -148,7 +150,7 @@ def rescore(path: str) -> None:
               f"train {row['rescored']['error_train']:+.1%} needed {row['rescored']['error_needed']:+.1%} "
               f"(device incl. allocator cache {row['rescored']['error_device']:+.1%})")
     result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "shared_prompts": shared, "shared_scoring": scoring,
-                          "decode_repeats_kv": repeats,
+                          "decode_repeats_kv": repeats, "laid_out_cache": laid_out,
                           "what": "errors of the current planner's constants for the same settings and the same "
                                   "generation code as measured (rows[].rescored)"}
     write_atomic(path, result)
@@ -240,6 +242,7 @@ def main() -> None:
                            "shared_scoring": policy.share_scoring(torch.device("cuda")),
                            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                            "decode_repeats_kv": budget.decode_repeats_kv(),
+                           "laid_out_cache": budget.cache_lays_out(),
                            "steps": args.steps, "headline rows (P=16)": [f"{m} {v}" for m, v in HEADLINE]},
               "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     measured_by_knobs: dict[str, dict] = {}

@@ -231,6 +231,7 @@ def attention_case() -> dict:
     """policy.generate on ATTN_MODEL: the generation phase's peak vs the plan, where the plan's largest decoding
     term is `decode attention` (and what the plan would be without that term)."""
     import torch
+    import transformers
     from randmodel import char_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -258,19 +259,13 @@ def attention_case() -> dict:
                         logprob_chunk=1, lora_rank=8, quant="none", dtype="fp32", grad_checkpointing=True,
                         max_prompt_tokens=ATTN_TP, max_new_tokens=ATTN_TOKENS)
     bd = budget.estimate(g, s, ATTN_TP, budget.DEVICES["cpu"], encoder_bytes=0)
-    term = {x.name: x.bytes for x in bd.terms}
-    without = max(term["prompt KV before and after repeating"] + term["prefill (one layer, no grad)"],
-                  term["KV cache"] + max(term["KV growth (torch.cat of one layer)"], term["sampling logits"]))
-    import transformers
-
+    without = budget.estimate(g, s, ATTN_TP, budget.DEVICES["cpu"], encoder_bytes=0, repeats_kv=False).generation
     return {"transformers": transformers.__version__, "repeats_kv": budget.decode_repeats_kv(),
-            "rows": rows, "cache_tokens": ATTN_TP + ATTN_TOKENS, "measured_bytes": peak,
-            "planned_bytes": bd.generation, "error": round((bd.generation - peak) / peak, 3),
+            "laid_out": budget.cache_lays_out(), "rows": rows, "cache_tokens": ATTN_TP + ATTN_TOKENS,
+            "measured_bytes": peak, "planned_bytes": bd.generation, "error": round((bd.generation - peak) / peak, 3),
             "planned_without_attention_term": without, "error_without": round((without - peak) / peak, 3),
-            "terms": {k: v for k, v in term.items() if k in (
-                "KV cache", "KV growth (torch.cat of one layer)", "sampling logits",
-                "decode attention: one layer's K/V repeated to H heads", "prompt KV before and after repeating",
-                "prefill (one layer, no grad)")}}
+            "generation_rule": bd.generation_rule,
+            "terms": {t.name: t.bytes for t in bd.terms if t.phase == "generation"}}
 
 
 def hardware() -> dict:

@@ -94,7 +94,7 @@ def test_decoding_step_is_the_largest_of_its_moments():
     repeated K and V are 2·H·hd·T·Bg·c; the step's peak is the KV cache plus the largest of growth, attention and
     sampling (they happen one after another)."""
     s = tiny_settings(gen_batch=3)
-    bd = estimate(TINY, s, prompt_len=6, repeats_kv=True)
+    bd = estimate(TINY, s, prompt_len=6, repeats_kv=True, laid_out=False)
     attention = bd.term("decode attention: one layer's K/V repeated to H heads").bytes
     assert attention == 2 * 4 * 16 * 10 * 3 * 2  # 7680
     growth, sampling = bd.term("KV growth (torch.cat of one layer)").bytes, bd.term("sampling logits").bytes
@@ -105,6 +105,23 @@ def test_decoding_step_is_the_largest_of_its_moments():
     assert "decode attention: one layer's K/V repeated to H heads" not in {t.name for t in packed.terms}
     no_gqa = estimate(replace(TINY, kv_heads=4), s, prompt_len=6, repeats_kv=True)
     assert "decode attention: one layer's K/V repeated to H heads" not in {t.name for t in no_gqa.terms}
+
+
+def test_a_laid_out_cache_neither_grows_nor_copies_the_prompt_per_row():
+    """policy.lay_out: the k prompts' K/V (k=2 here: 3 rows of G=4 can straddle two prompts) are copied into the
+    full-length cache one layer at a time, so the repeated prompt rows exist for one layer only; nothing grows."""
+    s = tiny_settings(gen_batch=3)
+    bd = estimate(TINY, s, prompt_len=6, repeats_kv=False, laid_out=True)
+    names = {t.name for t in bd.terms}
+    assert "KV growth (torch.cat of one layer)" not in names and "prompt KV before and after repeating" not in names
+    prompt = bd.term("prompt KV (k distinct prompts)").bytes
+    assert budget.prefill_rows(3, 4) == 2
+    assert prompt == 2 * 2 * 32 * 6 * 2 * 2  # 2·L·KV·hd·Tp·k·c = 3072
+    copy = bd.term("laying out: one layer's prompt K repeated to Bg rows").bytes
+    assert copy == 32 * 6 * 3 * 2  # KV·hd·Tp·Bg·c = 1152
+    prefill, sampling = bd.term("prefill (one layer, no grad)").bytes, bd.term("sampling logits").bytes
+    assert bd.generation == max(prompt + prefill, bd.term("KV cache").bytes + max(prompt + copy, sampling))
+    assert estimate(replace(TINY, full_attention=False), s, prompt_len=6).term("KV growth (torch.cat of one layer)")
 
 
 def test_lora_param_count_and_state():

@@ -124,9 +124,9 @@ def test_each_batch_cache_is_freed_before_the_next_prefill(tiny_model, monkeypat
     made, alive_at_next = [], []
     real = policy.shared_prefill
 
-    def tracking(*args):
+    def tracking(*args, **kwargs):
         alive_at_next.extend(ref() is not None for ref in made)
-        cache = real(*args)
+        cache = real(*args, **kwargs)
         made.append(weakref.ref(cache))
         return cache
 
@@ -452,3 +452,40 @@ def test_decode_frees_each_steps_logits_before_the_next_forward(tiny_model, monk
     monkeypatch.setattr(decoder, "forward", counting)
     policy.generate(model, tok, prompts, group_size=2, max_new_tokens=4, gen_batch=4, min_new_tokens=4)
     assert len(alive) == 5 and alive == [0] * 5  # the prefill, then 4 decoding steps
+
+
+def test_laid_out_cache_samples_the_same_tokens_and_never_grows(tiny_model, monkeypatch):
+    """shared_prefill lays the cache out at full length once (policy.lay_out); decoding then writes in place
+    and samples exactly what the torch.cat-grown cache does."""
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0), Example("q2", "2", 1)), ("", ""), ids, mask)
+
+    def sample():
+        torch.manual_seed(5)
+        return policy.generate(model, tok, prompts, group_size=3, max_new_tokens=9, gen_batch=6,
+                               min_new_tokens=9).completion_ids
+
+    storage, laid = [], []
+    real_lay_out, real_decode = policy.lay_out, policy.decode
+
+    def spying_lay_out(cache, rows, room):
+        laid.append(real_lay_out(cache, rows, room))
+        return laid[-1]
+
+    def spying_decode(model_, input_ids, attention_mask, cache, **kw):
+        out = real_decode(model_, input_ids, attention_mask, cache, **kw)
+        storage.append([(layer.keys.untyped_storage().data_ptr(), layer.buffers[0].untyped_storage().data_ptr(),
+                         layer.keys.shape[-2], layer.buffers[0].shape[-2]) for layer in cache.layers])
+        return out
+
+    monkeypatch.setattr(policy, "lay_out", spying_lay_out)
+    monkeypatch.setattr(policy, "decode", spying_decode)
+    laid_out = sample()
+    assert laid == [True]
+    for keys_at, buffer_at, filled, length in storage[0]:
+        assert keys_at == buffer_at  # the layer's keys are still a view of the buffer allocated once
+        assert filled == length  # exactly full: the prompt's last token and 8 of the 9 new ones were fed
+    monkeypatch.setattr(policy, "lay_out", lambda cache, rows, room: False)
+    monkeypatch.setattr(policy, "decode", real_decode)
+    assert torch.equal(sample(), laid_out)  # the grown cache: the same tokens

@@ -551,16 +551,34 @@ def decode_repeats_kv() -> bool:
     (`pack_gqa`, in newer releases; 5.17 has it not, 5.24 has). Read from its source, so the planner stays fast;
     True (the larger plan) when it cannot tell."""
     if "answer" not in _DECODE_REPEATS_KV:
-        try:
-            import importlib.util
-
-            spec = importlib.util.find_spec("transformers")
-            folder = spec.submodule_search_locations[0]  # type: ignore[union-attr,index]
-            with open(os.path.join(folder, "integrations", "sdpa_attention.py")) as f:
-                _DECODE_REPEATS_KV["answer"] = "pack_gqa" not in f.read()
-        except (AttributeError, ImportError, IndexError, OSError, TypeError, ValueError):
-            _DECODE_REPEATS_KV["answer"] = True
+        source = _transformers_source("integrations/sdpa_attention.py")
+        _DECODE_REPEATS_KV["answer"] = "pack_gqa" not in source  # True also when it cannot be read
     return _DECODE_REPEATS_KV["answer"]
+
+
+_CACHE_LAYS_OUT: dict[str, bool] = {}
+
+
+def cache_lays_out() -> bool:
+    """Whether policy.lay_out can preallocate the decoding cache with the installed transformers: its caches are
+    made of `DynamicLayer`s (transformers 5; older releases keep lists of tensors and grow them by torch.cat). Read
+    from its source, so the planner stays fast; False (the larger plan) when it cannot tell."""
+    if "answer" not in _CACHE_LAYS_OUT:
+        _CACHE_LAYS_OUT["answer"] = "class DynamicLayer(" in _transformers_source("cache_utils.py")
+    return _CACHE_LAYS_OUT["answer"]
+
+
+def _transformers_source(name: str) -> str:
+    """The text of a module of the installed transformers, or "" (not installed, or not where expected)."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("transformers")
+        folder = spec.submodule_search_locations[0]  # type: ignore[union-attr,index]
+        with open(os.path.join(folder, *name.split("/"))) as f:
+            return f.read()
+    except (AttributeError, ImportError, IndexError, OSError, TypeError, ValueError):
+        return ""
 
 
 def estimate(
@@ -573,13 +591,15 @@ def estimate(
     top_p: float = 1.0,
     shared_scoring: bool | None = None,
     repeats_kv: bool | None = None,
+    laid_out: bool | None = None,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
     (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
     before the rows of a group shared their prompt (every row prefilled and trained on its own copy of the
     prompt), to re-score measurements taken then. `shared_scoring`: whether training runs a group's prompt once
     (default: where policy.share_scoring does, i.e. not on CUDA, and only with shared_prompts). `repeats_kv`:
-    whether decoding repeats K/V to every head (default: what the installed transformers does)."""
+    whether decoding repeats K/V to every head (default: what the installed transformers does). `laid_out`:
+    whether generation lays the cache out at full length once (policy.lay_out; default: where it can)."""
     g, s = geometry, settings
     c = DTYPES[s.dtype]
     L, D, V, I, H = g.layers, g.hidden, g.vocab, g.intermediate, g.heads  # noqa: N806 - the shape vocabulary
@@ -625,17 +645,25 @@ def estimate(
     # generation: prefill the distinct prompts of Bg sequences once, repeat their cache rows, decode Tc steps --
     bg = s.gen_batch
     kp = prefill_rows(bg, s.group_size) if shared_prompts else bg
+    if laid_out is None:
+        laid_out = shared_prompts and g.full_attention and cache_lays_out()
     kv_per_token = 2 * L * g.kv_dim * c
     kv = add("generation", "KV cache", kv_per_token * t * bg,
              f"2·L·KV·hd·T·Bg·c = 2·{L}·{g.kv_heads}·{g.head_dim}·{t}·{bg}·{c}")
-    growth = add("generation", "KV growth (torch.cat of one layer)", g.kv_dim * t * bg * c,
-                 f"KV·hd·T·Bg·c = {g.kv_dim}·{t}·{bg}·{c}")
     per_tok = layer_nograd_bytes_per_token(g, c, tp, caps.fused_attention)
     prefill = add("generation", "prefill (one layer, no grad)", kp * tp * per_tok,
                   f"k·Tp·(I·(2c+8) + D·(c+8) + Tp·c) = {kp}·{tp}·{per_tok}, k = distinct prompts of Bg rows")
-    repeated = kp if shared_prompts else 0  # the k prefilled rows, alive while their copies are made
-    prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (repeated + bg),
-                    f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({repeated}+{bg})")
+    if laid_out:  # policy.lay_out: the cache allocated at full length once, the k prompts' rows copied into it
+        prompt_kv = add("generation", "prompt KV (k distinct prompts)", kv_per_token * tp * kp,
+                        f"2·L·KV·hd·Tp·k·c = {kv_per_token}·{tp}·{kp}")
+        growth = prompt_kv + add("generation", "laying out: one layer's prompt K repeated to Bg rows",
+                                 g.kv_dim * tp * bg * c, f"KV·hd·Tp·Bg·c = {g.kv_dim}·{tp}·{bg}·{c}")
+    else:  # DynamicCache: Bg copies of the prompt rows, then torch.cat grows every layer every step
+        repeated = kp if shared_prompts else 0  # the k prefilled rows, alive while their copies are made
+        prompt_kv = add("generation", "prompt KV before and after repeating", kv_per_token * tp * (repeated + bg),
+                        f"2·L·KV·hd·Tp·(k+Bg)·c = {kv_per_token}·{tp}·({repeated}+{bg})")
+        growth = add("generation", "KV growth (torch.cat of one layer)", g.kv_dim * t * bg * c,
+                     f"KV·hd·T·Bg·c = {g.kv_dim}·{t}·{bg}·{c}")
     per_logit = sampling_bytes(top_p, caps.cuda)
     sampling = add("generation", "sampling logits", bg * V * per_logit,
                    f"Bg·V·{per_logit} = {bg}·{V}·{per_logit}" + (f" (top_p {top_p})" if top_p < 1 else ""))
@@ -648,10 +676,11 @@ def estimate(
                         2 * g.q_dim * t * bg * c, f"2·H·hd·T·Bg·c = 2·{g.heads}·{g.head_dim}·{t}·{bg}·{c}")
     if dequant:
         add("generation", "dequantised weight (NF4 -> c)", dequant, "max(in·out)·c")
-    # a decoding step's moments come one after another: a layer's cache grows, then its attention runs; sampling
-    # follows the last layer (policy.decode frees the logits before the next step)
+    # a decoding step's moments come one after another: a layer's cache grows (or is laid out, before the first
+    # step), then its attention runs; sampling follows the last layer (policy.decode frees the logits first)
     generation = max(prompt_kv + prefill, kv + max(growth, attention, sampling)) + dequant
-    generation_rule = ("max(prompt KV + prefill, KV + max(growth, attention, sampling))"
+    grow = "prompt KV + laying out" if laid_out else "growth"
+    generation_rule = (f"max(prompt KV + prefill, KV + max({grow}, attention, sampling))"
                        + (" + dequantised" if dequant else ""))
 
     # training: reference pass, then forward/backward of one micro-batch, then the optimiser step -------

@@ -172,9 +172,11 @@ def completion_mask(ids: torch.Tensor, eos: list[int]) -> torch.Tensor:
     return (~after).float()  # [N, Tc]
 
 
-def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, owners: torch.Tensor):
+def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, owners: torch.Tensor,
+                   room: int = 0):
     """The KV cache of len(owners) sequences whose prompts are rows `owners` of input_ids, each distinct prompt
-    prefilled once (all but its last token, which `decode` feeds first) and its cache rows repeated.
+    prefilled once (all but its last token, which `decode` feeds first) and its cache rows repeated, with `room`
+    positions to spare for decoding where the cache can be laid out in place (`lay_out`).
 
     The G completions of a prompt share it, so the prefill costs P rows of compute and working memory, not P*G.
     Runs the decoder only: no logits for prompt positions. Positions are the cumsum of the mask, as in `decode`.
@@ -184,8 +186,53 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     out = causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                                          use_cache=True)
     cache = out[cache_keyword(model)]
-    cache.batch_select_indices(inverse.to(ids.device))  # k rows -> b rows
+    if not (room and lay_out(cache, inverse.to(ids.device), room)):
+        cache.batch_select_indices(inverse.to(ids.device))  # k rows -> b rows
     return cache
+
+
+def lay_out(cache, rows: torch.Tensor, room: int) -> bool:
+    """Copy a prefilled cache's rows `rows` into buffers with `room` more positions, allocated once per layer, and
+    make each layer write new tokens into them in place. Without it every decoding step grows every layer by
+    torch.cat: a copy of the whole cache per token, and on CUDA ever larger blocks that the caching allocator
+    cannot reuse (Falcon3-1B's 8.6 GB cache fragmented a 16 GiB budget on an H200). Only for caches made of
+    transformers' plain DynamicLayer (not sliding windows); returns False, changing nothing, otherwise."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" or not getattr(layer, "is_initialized", False)
+                         or layer.keys.dim() != 4 for layer in layers):
+        return False
+    laid_out = _laid_out_layer_class()
+    for layer in layers:
+        n = layer.keys.shape[-2]
+        full = (len(rows), layer.keys.shape[1], n + room, layer.keys.shape[-1])
+        keys, values = layer.keys.new_empty(full), layer.values.new_empty(full)  # [b, KV, n + room, hd]
+        keys[:, :, :n] = layer.keys[rows]
+        values[:, :, :n] = layer.values[rows]
+        layer.__class__ = laid_out  # a DynamicLayer whose update writes in place (no reference cycle)
+        layer.buffers = keys, values
+        layer.keys, layer.values = keys[:, :, :n], values[:, :, :n]  # the k-row prompt K/V are freed here
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _laid_out_layer_class():
+    """transformers' DynamicLayer, but `update` writes into preallocated `buffers` and returns views of the
+    filled part; everything else (get_seq_length, mask sizes) reads those views as it would the grown tensors."""
+    from transformers.cache_utils import DynamicLayer
+
+    class LaidOutLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = self.buffers
+            start = self.keys.shape[-2]
+            end = start + key_states.shape[-2]
+            if end > keys.shape[-2]:
+                raise RuntimeError(f"laid-out KV cache full: {end} > {keys.shape[-2]} positions")
+            keys[:, :, start:end] = key_states
+            values[:, :, start:end] = value_states
+            self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+            return self.keys, self.values
+
+    return LaidOutLayer
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -228,7 +275,8 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
         for s in range(0, ids.shape[0], gen_batch):
             rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
             source = (prompt_ids, prompt_mask, rows // group_size) if share_prefill else (ids, mask, rows)
-            cache = shared_prefill(model, *source) if ids.shape[1] > 1 else None  # 1-token prompts: none
+            cache = (shared_prefill(model, *source, room=max_new_tokens)
+                     if ids.shape[1] > 1 else None)  # 1-token prompts: nothing to prefill
             new = decode(model, ids[rows], mask[rows], cache, max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, eos=eos, pad=pad, temperature=temperature, top_p=top_p,
                          greedy=greedy)  # [b, Tc']
