@@ -14,8 +14,9 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
     model in the compute dtype; embeddings, lm_head and norms always in the compute dtype;
   - LoRA on q, k, v, o, gate, up, down of every layer; LoRA weights, grads and both AdamW moments in fp32;
     grads freed between steps (`zero_grad(set_to_none=True)`);
-  - generation: policy.decode with a DynamicCache, Bg sequences at a time; the distinct prompts of those Bg are
-    prefilled once and their cache rows repeated for each completion (policy.shared_prefill);
+  - generation: policy.decode, Bg sequences at a time; the distinct prompts of those Bg are prefilled once and
+    their cache rows copied for each completion into a cache laid out at full length (policy.shared_prefill,
+    policy.lay_out; where transformers cannot, a DynamicCache grown by torch.cat);
   - a decoding step of a grouped-query model repeats one layer's K/V to every head where transformers' SDPA
     path does so (`decode_repeats_kv`);
   - training: the no-grad reference pass (adapter disabled) of a micro-batch, then its forward/backward;
@@ -32,6 +33,7 @@ activation terms on CPU (docs/memory.md has both tables).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -571,8 +573,6 @@ def cache_lays_out() -> bool:
 def _transformers_source(name: str) -> str:
     """The text of a module of the installed transformers, or "" (not installed, or not where expected)."""
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("transformers")
         folder = spec.submodule_search_locations[0]  # type: ignore[union-attr,index]
         with open(os.path.join(folder, *name.split("/"))) as f:
