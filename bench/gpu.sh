@@ -9,7 +9,7 @@
 #   first:  tests, the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G) and the 12G/16G rows
 #           until LIMIT (default 270 s)
 #   second: trl, frag, then the rows of bench/budget.py not yet measured (the sweep kept by `first`) until LIMIT
-#   tests:  tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder)
+#   tests:  tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder, the laid-out cache)
 #   quick:  tests + the headline rows of bench/budget.py
 #   sweep:  the rows of bench/budget.py not already in the kept sweep
 #   top_p:  bench/budget.py --rows qwen:8G --top-p 0.9 (the sampling sort's working set on CUDA)
@@ -31,7 +31,7 @@ quiet="Loading weights\|Writing model"
 
 tests() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  timeout 150 python3 -m pytest tests/test_gpu.py -p no:cacheprovider -o addopts="" -q -rs 2>&1 | tee "$OUT/pytest_gpu.txt"
+  timeout 200 python3 -m pytest tests/test_gpu.py -p no:cacheprovider -o addopts="" -q -rs 2>&1 | tee "$OUT/pytest_gpu.txt"
 }
 
 KEEP=/tmp/tinyrl-gpu-keep

@@ -1,4 +1,5 @@
-"""Checks that need a CUDA device (skipped without one): a real out-of-memory back-off, and the fp16 encoder."""
+"""Checks that need a CUDA device (skipped without one): a real out-of-memory back-off, the fp16 encoder, and
+decoding into the laid-out cache."""
 
 from __future__ import annotations
 
@@ -64,3 +65,35 @@ def test_encoder_fp16_on_gpu_matches_fp32_on_cpu(tmp_path):
     assert a.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
     assert np.all(np.sum(a * b, axis=1) > 0.999)
+
+
+def test_laid_out_cache_on_cuda_samples_like_the_grown_one_and_reserves_less(tmp_path, monkeypatch):
+    """On CUDA, decoding into the cache laid out once (policy.lay_out) gives the greedy tokens of growing it by
+    torch.cat (exactly equal on CPU, tests/test_policy.py; here attention may read the strided cache through
+    another kernel, so a near-tie may flip), and the allocator reserves no more for it (growing leaves freed,
+    ever larger blocks behind)."""
+    from tiny import make_tiny_model
+
+    from tinyrl import policy
+    from tinyrl.types import Example, PromptBatch
+
+    folder = make_tiny_model(str(tmp_path / "model"), hidden=256, layers=4)
+    model, tok, _ = policy.load_policy(folder, quant="none", dtype="fp32", device="cuda", lora_rank=4,
+                                       lora_alpha=8, grad_checkpointing=False, seed=0)
+    texts = ["<|user|>" + "what is 12 + 30? " * (4 + i) + "<eos><|assistant|>" for i in range(4)]
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    prompts = PromptBatch(tuple(Example(f"q{i}", "1", i) for i in range(4)), ("",) * 4, enc["input_ids"],
+                          enc["attention_mask"])
+
+    def run():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        out = policy.generate(model, tok, prompts, group_size=16, max_new_tokens=256, gen_batch=64,
+                              min_new_tokens=256, greedy=True).completion_ids
+        return out, torch.cuda.max_memory_reserved()
+
+    laid_out, reserved_laid_out = run()
+    monkeypatch.setattr(policy, "lay_out", lambda cache, rows, room: False)
+    grown, reserved_grown = run()
+    assert (laid_out == grown).float().mean() > 0.95
+    assert reserved_laid_out <= reserved_grown
