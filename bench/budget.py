@@ -248,7 +248,14 @@ def main() -> None:
     measured_by_knobs: dict[str, dict] = {}
     if args.prior:
         with open(args.prior) as f:
-            result["rows"] = json.load(f)["rows"]
+            prior = json.load(f)
+        code = ("shared_prompts", "shared_scoring", "decode_repeats_kv", "laid_out_cache", "top_p",
+                "PYTORCH_CUDA_ALLOC_CONF")  # what the rows' code and settings were: one file holds one of each
+        differ = [k for k in code if prior["settings"].get(k) != result["settings"][k]]
+        if differ:
+            sys.exit(f"--prior {args.prior} was measured with other code or settings ({', '.join(differ)}): "
+                     "start a new sweep (another --out) instead of adding to it")
+        result["rows"] = prior["rows"]
         done = {(r["model"], r["vram"]) for r in result["rows"]}
         rows = [row for row in rows if row not in done]
         for r in result["rows"]:

@@ -2,23 +2,25 @@
 # The GPU checks, in the form they run on a lent H100/H200 (the `device` tool, which carries .whl/ and .gpu/):
 #   .whl/   wheels the GPU image lacks: usearch + numkong, bitsandbytes, trl, datasets, dill, multiprocess
 #   .gpu/   a GSM8K sample (.gpu/gsm8k/{train,test}.jsonl, the first 200/50 lines of ../shared/data/gsm8k)
-# Usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|frag|trl     Results land in $OUT (default
+# Usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl     Results land in $OUT (default
 # /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the same warm
 # machine (issue it at once: the machine goes back after 30 s idle) can add rows to it (`second`).
-#   all:    first, then second (one call, when the device time allows ~12 minutes)
 #   first:  tests, the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G) and the 12G/16G rows
 #           until LIMIT (default 270 s)
-#   second: trl, frag, then the rows of bench/budget.py not yet measured (the sweep kept by `first`) until LIMIT
+#   second: trl, frag, then (if `first` ran on this machine) the rows of bench/budget.py it left, until
+#           SECOND_LIMIT (default 60 s)
 #   tests:  tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder, the laid-out cache)
 #   quick:  tests + the headline rows of bench/budget.py
 #   sweep:  the rows of bench/budget.py not already in the kept sweep
 #   top_p:  bench/budget.py --rows qwen:8G --top-p 0.9 (the sampling sort's working set on CUDA)
 #   frag:   bench/budget.py --rows falcon:16G with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the row whose
-#           growing KV cache fragmented the allocator on 2026-11-26)
+#           growing KV cache fragmented the allocator on 2026-11-26; the cache is laid out since, so against the
+#           `first` row this shows what expandable segments add on top, not what growing cost)
 #   trl:    bench/vs_trl.py --device cuda (Qwen2.5-0.5B geometry, P=8 G=16, 200 tokens), both tools
-# LIMIT / TRL_LIMIT (seconds): start no new row or run after that; TRL_LIMIT must exceed tinyrl's run (~110 s)
-# or TRL never starts. Device time on 2026-11-26 (H200): start ~1 min, `first` 6.3 min (tests 1 min, 10 rows),
-# top_p 0.7 min, tinyrl's vs-TRL run 1.8 min, TRL's 1.3 min, one more sweep row 1.1 min.
+# LIMIT / SECOND_LIMIT / TRL_LIMIT (seconds): start no new row or run after that; TRL_LIMIT must exceed tinyrl's
+# run (~110 s) or TRL never starts. `first` and `second` each fit one 10-minute call, not both together.
+# Device time on 2026-11-26 (H200): start ~1 min, `first` 6.3 min (tests 1 min, 10 rows), top_p 0.7 min,
+# tinyrl's vs-TRL run 1.8 min, TRL's 1.3 min, one more sweep row 1.1 min.
 set -uo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 \
        TOKENIZERS_PARALLELISM=false
@@ -62,7 +64,7 @@ trl() {  # trl LIMIT
 }
 
 frag() {
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 300 python3 bench/budget.py --data .gpu/gsm8k \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 200 python3 bench/budget.py --data .gpu/gsm8k \
     --rows falcon:16G --out "$OUT/budget_gpu_expandable.json" 2>&1 | grep -v "$quiet" | tee "$OUT/budget_frag_log.txt"
 }
 
@@ -74,11 +76,10 @@ first() {
 second() {
   trl "${TRL_LIMIT:-200}"
   frag
-  sweep "${LIMIT:-60}" $(prior)
+  if [ -f $KEEP/budget_gpu.json ]; then sweep "${SECOND_LIMIT:-60}" $(prior); fi
 }
 
 case "${1:-}" in
-  all) first; second ;;
   first) first ;;
   second) second ;;
   tests) tests ;;
@@ -87,5 +88,5 @@ case "${1:-}" in
   top_p) top_p ;;
   frag) frag ;;
   trl) trl "${LIMIT:-120}" ;;
-  *) echo "usage: bash bench/gpu.sh all|first|second|tests|quick|sweep|top_p|frag|trl" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl" >&2; exit 2 ;;
 esac

@@ -417,6 +417,16 @@ def merge(out_path: str, child_path: str) -> int:
         row = json.load(f)
     c = old["config"]
     P, G, NEW_TOKENS, DTYPE = c["prompts_per_step"], c["group_size"], c["max_new_tokens"], c["dtype"]
+    if "error" in row:
+        raise SystemExit(f"--merge {child_path}: that run failed ({row['error'][:200]}); nothing to add")
+    same = {"completion length": row.get("completion_len_mean") == NEW_TOKENS,
+            "prompts per step": len(row.get("questions", [])) == P * row.get("steps", 0),
+            "device": row.get("gpu") == old["hardware"].get("gpu")}
+    if row["tool"] == "trl":
+        same["prompt tokens"] = bool(row.get("prompt_tokens_match_tinyrl"))
+    if not all(same.values()):
+        raise SystemExit(f"--merge {child_path}: not the same settings as {out_path} "
+                         f"({', '.join(k for k, v in same.items() if not v)})")
     runs = old["runs"]
     taken = {r["round"] for r in runs if r["tool"] == row["tool"]}
     row["round"] = min({r["round"] for r in runs} - taken, default=max(taken, default=0) + 1)

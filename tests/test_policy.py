@@ -482,7 +482,12 @@ def test_laid_out_cache_samples_the_same_tokens_and_never_grows(tiny_model, monk
     monkeypatch.setattr(policy, "lay_out", spying_lay_out)
     monkeypatch.setattr(policy, "decode", spying_decode)
     laid_out = sample()
-    assert laid == [True]
+    from tinyrl import budget
+
+    assert laid == [True] == [budget.cache_lays_out()]  # the planner assumes what the policy does
+    with pytest.raises(RuntimeError, match="only appends"):
+        policy.shared_prefill(model, ids, mask, torch.tensor([0, 0, 1]), room=2).layers[0].batch_select_indices(
+            torch.tensor([0]))
     for keys_at, buffer_at, filled, length in storage[0]:
         assert keys_at == buffer_at  # the layer's keys are still a view of the buffer allocated once
         assert filled == length  # exactly full: the prompt's last token and 8 of the 9 new ones were fed

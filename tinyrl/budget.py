@@ -563,10 +563,12 @@ _CACHE_LAYS_OUT: dict[str, bool] = {}
 
 def cache_lays_out() -> bool:
     """Whether policy.lay_out can preallocate the decoding cache with the installed transformers: its caches are
-    made of `DynamicLayer`s (transformers 5; older releases keep lists of tensors and grow them by torch.cat). Read
+    made of `DynamicLayer`s with an `is_initialized` flag (transformers 5; older releases grow the cache by
+    torch.cat). Read
     from its source, so the planner stays fast; False (the larger plan) when it cannot tell."""
-    if "answer" not in _CACHE_LAYS_OUT:
-        _CACHE_LAYS_OUT["answer"] = "class DynamicLayer(" in _transformers_source("cache_utils.py")
+    if "answer" not in _CACHE_LAYS_OUT:  # policy.lay_out needs both (4.5x had DynamicLayer without the flag)
+        source = _transformers_source("cache_utils.py")
+        _CACHE_LAYS_OUT["answer"] = "class DynamicLayer(" in source and "self.is_initialized" in source
     return _CACHE_LAYS_OUT["answer"]
 
 
@@ -646,7 +648,7 @@ def estimate(
     bg = s.gen_batch
     kp = prefill_rows(bg, s.group_size) if shared_prompts else bg
     if laid_out is None:
-        laid_out = shared_prompts and g.full_attention and cache_lays_out()
+        laid_out = shared_prompts and g.full_attention and tp > 1 and cache_lays_out()  # 1-token prompts: no prefill
     kv_per_token = 2 * L * g.kv_dim * c
     kv = add("generation", "KV cache", kv_per_token * t * bg,
              f"2·L·KV·hd·T·Bg·c = 2·{L}·{g.kv_heads}·{g.head_dim}·{t}·{bg}·{c}")

@@ -186,6 +186,7 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     out = causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                                          use_cache=True)
     cache = out[cache_keyword(model)]
+    del out  # the prompts' last hidden states: not needed, and not planned for while the cache is laid out
     if not (room and lay_out(cache, inverse.to(ids.device), room)):
         cache.batch_select_indices(inverse.to(ids.device))  # k rows -> b rows
     return cache
@@ -231,6 +232,12 @@ def _laid_out_layer_class():
             values[:, :, start:end] = value_states
             self.keys, self.values = keys[:, :, :end], values[:, :, :end]
             return self.keys, self.values
+
+        def _unsupported(self, *args, **kwargs):
+            raise RuntimeError("a laid-out KV cache only appends (policy.decode); it cannot be cropped, reset "
+                               "or have its rows reselected")
+
+        batch_select_indices = batch_repeat_interleave = reorder_cache = crop = reset = _unsupported
 
     return LaidOutLayer
 
