@@ -464,3 +464,18 @@ def test_the_plan_counts_the_top_p_it_is_given():
     nucleus = plan(QWEN, parse_bytes("8G"), PROMPTS, base={"top_p": 0.9})
     assert full.breakdown.term("sampling logits").bytes == full.gen_batch * QWEN.vocab * 16
     assert nucleus.breakdown.term("sampling logits").bytes == nucleus.gen_batch * QWEN.vocab * 40  # on CUDA
+
+
+def test_a_cpu_run_on_a_gpu_host_is_planned_for_the_cpu(monkeypatch):
+    """`fit --device cpu --vram ...` on a machine with a GPU plans for the CPU (RAM, no 4-bit, CPU terms)."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(name=f"Fake GPU {index}", total_memory=16 * 2**30,
+                                                            major=8))
+    assert not budget.detect_caps("cpu").cuda
+    assert budget.detect_caps("auto").cuda and budget.detect_caps("cuda").name == "Fake GPU 0"
+    assert budget.detect_caps("cuda:1").name == "Fake GPU 1"

@@ -412,14 +412,16 @@ def device_caps(name: str) -> DeviceCaps:
     raise UserError(f"unknown device {name!r}: use one of {', '.join(DEVICES)}")
 
 
-def detect_caps() -> DeviceCaps:
-    """The device this process would train on. Imports torch, so only call it when about to train."""
+def detect_caps(device: str = "auto") -> DeviceCaps:
+    """The device this process would train on (`device`: the run's --device: auto, cpu, cuda or cuda:N). Imports
+    torch, so only call it when about to train."""
     import torch  # noqa: PLC0415 - deliberately lazy: `plan` must not pay for torch
 
-    if not torch.cuda.is_available():
+    if device == "cpu" or not torch.cuda.is_available():
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         return replace(DEVICES["cpu"], total_bytes=pages * size)
-    props = torch.cuda.get_device_properties(0)
+    index = torch.device(device).index if device.startswith("cuda") else None
+    props = torch.cuda.get_device_properties(index or 0)
     return DeviceCaps(props.name, props.total_memory, bf16=props.major >= 8, fp16=props.major >= 6)
 
 

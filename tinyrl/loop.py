@@ -35,7 +35,7 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
     check_writable(cfg.out)
     planned = None
     if cfg.vram:  # the planner picks every memory setting before any weight loads
-        planned = make_plan(cfg, pins, budget.detect_caps())
+        planned = make_plan(cfg, pins, budget.detect_caps(cfg.device))
         cfg = with_overrides(cfg, **planned.knobs())
         if not quiet:
             print(budget.format_plan(planned), flush=True)
