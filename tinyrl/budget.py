@@ -33,7 +33,7 @@ activation terms on CPU (docs/memory.md has both tables).
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
 import math
 import os
@@ -546,43 +546,23 @@ def layer_nograd_bytes_per_token(g: ModelGeometry, c: int, seq: int, fused_atten
     return nograd
 
 
-_DECODE_REPEATS_KV: dict[str, bool] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def decode_repeats_kv() -> bool:
     """Whether the installed transformers, with a mask (left padding), repeats a grouped-query layer's K/V to all
     heads in each decoding step (`repeat_kv`), rather than folding the query heads into the K/V heads
     (`pack_gqa`, in newer releases; 5.17 has it not, 5.24 has). Read from its source, so the planner stays fast;
     True (the larger plan) when it cannot tell."""
-    if "answer" not in _DECODE_REPEATS_KV:
-        source = _transformers_source("integrations/sdpa_attention.py")
-        _DECODE_REPEATS_KV["answer"] = "pack_gqa" not in source  # True also when it cannot be read
-    return _DECODE_REPEATS_KV["answer"]
+    return "pack_gqa" not in hub.transformers_source("integrations/sdpa_attention.py")
 
 
-_CACHE_LAYS_OUT: dict[str, bool] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def cache_lays_out() -> bool:
     """Whether policy.lay_out can preallocate the decoding cache with the installed transformers: its caches are
     made of `DynamicLayer`s with an `is_initialized` flag (transformers 5; older releases grow the cache by
-    torch.cat). Read
-    from its source, so the planner stays fast; False (the larger plan) when it cannot tell."""
-    if "answer" not in _CACHE_LAYS_OUT:  # policy.lay_out needs both (4.5x had DynamicLayer without the flag)
-        source = _transformers_source("cache_utils.py")
-        _CACHE_LAYS_OUT["answer"] = "class DynamicLayer(" in source and "self.is_initialized" in source
-    return _CACHE_LAYS_OUT["answer"]
-
-
-def _transformers_source(name: str) -> str:
-    """The text of a module of the installed transformers, or "" (not installed, or not where expected)."""
-    try:
-        spec = importlib.util.find_spec("transformers")
-        folder = spec.submodule_search_locations[0]  # type: ignore[union-attr,index]
-        with open(os.path.join(folder, *name.split("/"))) as f:
-            return f.read()
-    except (AttributeError, ImportError, IndexError, OSError, TypeError, ValueError):
-        return ""
+    torch.cat; 4.5x had DynamicLayer without the flag). Read from its source, so the planner stays fast; False
+    (the larger plan) when it cannot tell."""
+    source = hub.transformers_source("cache_utils.py")
+    return "class DynamicLayer(" in source and "self.is_initialized" in source
 
 
 def estimate(

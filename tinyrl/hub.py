@@ -1,4 +1,5 @@
-"""Whether the Hugging Face hub can be reached, asked once per process.
+"""Whether the Hugging Face hub can be reached, asked once per process; and what the installed transformers can
+do, read from its source.
 
 Without it, an offline machine (a Kaggle notebook with internet off, a locked-down cluster) waits 20-45 s of
 retries in huggingface_hub for every name it looks up before failing or falling back to the local cache. With
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import socket
 import threading
@@ -75,3 +77,15 @@ def switched_off(datasets_module):
     finally:
         for (obj, name), value in zip(flags, saved):
             setattr(obj, name, value)
+
+
+def transformers_source(name: str) -> str:
+    """The text of a module of the installed transformers (`name` relative to its package folder), or "" (not
+    installed, or not where expected). For questions about its behaviour that must not cost an import."""
+    try:
+        spec = importlib.util.find_spec("transformers")
+        folder = spec.submodule_search_locations[0]  # type: ignore[union-attr,index]
+        with open(os.path.join(folder, *name.split("/"))) as f:
+            return f.read()
+    except (AttributeError, ImportError, IndexError, OSError, TypeError, ValueError):
+        return ""

@@ -187,8 +187,9 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                          use_cache=True)
     cache = out[cache_keyword(model)]
     del out  # the prompts' last hidden states: not needed, and not planned for while the cache is laid out
-    if not (room and lay_out(cache, inverse.to(ids.device), room)):
-        cache.batch_select_indices(inverse.to(ids.device))  # k rows -> b rows
+    inverse = inverse.to(ids.device)
+    if not (room and lay_out(cache, inverse, room)):
+        cache.batch_select_indices(inverse)  # k rows -> b rows
     return cache
 
 
@@ -533,14 +534,7 @@ def prompt_sharing_available() -> bool:
     """Whether the installed transformers has the per-layer switch that keeps a read-only cache through gradient
     checkpointing (`GradientCheckpointingLayer._can_checkpoint_with_cache`). Read from its source rather than
     imported, so the planner can ask in a blink."""
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    try:
-        with open(os.path.join(spec.submodule_search_locations[0], "modeling_layers.py")) as f:
-            return "_can_checkpoint_with_cache" in f.read()
-    except OSError:
-        return False
+    return "_can_checkpoint_with_cache" in hub.transformers_source("modeling_layers.py")
 
 
 def can_share_prompt(decoder) -> bool:
