@@ -1,17 +1,17 @@
 """Check the planner's activation terms against a measured CPU run (no GPU needed).
 
-Builds a small random Llama (hidden 256, 4 layers, vocab 49152) with peft LoRA on every projection and runs
-tinyrl's own code: `policy.reference_logprobs` (the no-grad reference pass, adapter disabled), then
-`policy.completion_logprobs` for one micro-batch forward + backward (non-reentrant gradient checkpointing,
-completion-only log-probs computed `logprob_chunk` rows at a time, each chunk recomputed in backward), one
-AdamW step, and `policy.generate` of 2 prompts x 4 completions (one shared prefill per prompt). Each phase's
-peak resident memory above the memory before it (VmHWM after resetting it through /proc/self/clear_refs, with
-glibc told to mmap every allocation >= 64 KiB so freed tensors leave the resident set) is compared with
-`tinyrl.budget.estimate` for the same shapes, in fp32 and in bf16 (base in bf16, LoRA in fp32, as on a GPU).
-What this checks: the activation, log-prob, KV-cache, prefill and sampling terms (the last on
-64 x 151936 logits, as `policy.decode` samples them), and a decoding step's attention (a grouped-query model
-with a long left-padded cache, where one layer's K/V repeated to every head is the peak). What it cannot: the CUDA context,
-workspaces, fragmentation, bitsandbytes (those need bench/budget.py on a GPU).
+Builds a small random Llama (hidden 256, 4 layers, vocab 49152, or 4096 where a decoder layer must set the peak)
+with peft LoRA on every projection and runs tinyrl's own code: `policy.reference_logprobs` (the no-grad reference
+pass, adapter disabled), then `policy.completion_logprobs` for one micro-batch forward + backward (non-reentrant
+gradient checkpointing, completion-only log-probs computed `logprob_chunk` rows at a time, each chunk recomputed in
+backward), one AdamW step, and `policy.generate` of 2 prompts x 4 completions (one shared prefill per prompt). Each
+phase's peak resident memory above the memory before it (VmHWM after resetting it through /proc/self/clear_refs,
+with glibc told to mmap every allocation >= 64 KiB so freed tensors leave the resident set) is compared with
+`tinyrl.budget.estimate` for the same shapes, in fp32 and in bf16 (base in bf16, LoRA in fp32, as on a GPU). What
+this checks: the activation, log-prob, KV-cache, prefill and sampling terms (the last on 64 x 151936 logits, as
+`policy.decode` samples them), and a decoding step's attention (a grouped-query model with a long left-padded
+cache, where one layer's K/V repeated to every head is the peak). What it cannot: the CUDA context, workspaces,
+fragmentation, bitsandbytes (those need bench/budget.py on a GPU).
 
     OMP_NUM_THREADS=2 python bench/budget_cpu.py   # ~10 min on 2 cores (bf16 is slow on CPU); writes
                                                    # bench/results/budget_cpu.json
@@ -37,10 +37,15 @@ RESULTS = ROOT / "bench" / "results" / "budget_cpu.json"
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
              intermediate_size=1024, vocab_size=49152, tie_word_embeddings=True, model_type="llama")
 RANK, TP, TC, MICRO, GEN_BATCH, GEN_TOKENS, GROUP = 16, 192, 128, 8, 8, 64, 4
-CASES = [  # (dtype, grad_checkpointing, logprob_chunk, also generate): chunk 1 leaves the recomputed layer as
-    # the training peak, chunk 4 makes the log-prob buffer the peak, so both terms are checked
-    ("fp32", True, 1, True), ("fp32", True, 4, False), ("fp32", False, 1, False),
-    ("bf16", True, 1, True), ("bf16", True, 4, False), ("bf16", False, 1, False),
+SMALL_VOCAB = 4096  # a vocabulary this small keeps the log-prob buffers below one decoder layer's working set
+CASES = [  # (dtype, grad_checkpointing, logprob_chunk, also generate, vocabulary): chunk 4 makes the log-prob
+    # buffer the training peak; the small vocabulary leaves one decoder layer (recomputed, or its backward) as
+    # the peak of training and of the reference pass, so both kinds of term are checked; chunk 1 at the full
+    # vocabulary is a near-tie of the two
+    ("fp32", True, 1, True, MODEL["vocab_size"]), ("fp32", True, 4, False, MODEL["vocab_size"]),
+    ("fp32", True, 1, False, SMALL_VOCAB), ("fp32", False, 1, False, SMALL_VOCAB),
+    ("bf16", True, 1, True, MODEL["vocab_size"]), ("bf16", True, 4, False, MODEL["vocab_size"]),
+    ("bf16", True, 1, False, SMALL_VOCAB), ("bf16", False, 1, False, SMALL_VOCAB),
 ]
 
 
@@ -68,8 +73,9 @@ def measure(fn) -> tuple[int, object]:
     return measure_once(fn)
 
 
-def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
+def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool, vocab: int) -> dict:
     """Run one configuration in this process; return measured and estimated bytes per phase."""
+    MODEL["vocab_size"] = vocab  # this process runs this one case
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -188,7 +194,7 @@ def one_case(dtype_name: str, ckpt: bool, chunk: int, generate: bool) -> dict:
     if generate:
         phases.append(row(f"generation ({GEN_BATCH} x ({TP}+{GEN_TOKENS}) tokens)", gen_peak,
                           estimate(GEN_TOKENS, GEN_BATCH).generation))
-    return {"dtype": dtype_name, "grad_checkpointing": ckpt, "logprob_chunk": chunk,
+    return {"dtype": dtype_name, "grad_checkpointing": ckpt, "logprob_chunk": chunk, "vocab": vocab,
             "generate_seconds": round(gen_s, 2) if generate else None, "phases": phases}
 
 
@@ -278,8 +284,9 @@ def hardware() -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--one":
-        print(json.dumps(one_case(sys.argv[2], sys.argv[3] == "ckpt", int(sys.argv[4]), sys.argv[5] == "gen")))
+    if len(sys.argv) == 7 and sys.argv[1] == "--one":
+        print(json.dumps(one_case(sys.argv[2], sys.argv[3] == "ckpt", int(sys.argv[4]), sys.argv[5] == "gen",
+                                  int(sys.argv[6]))))
         return
     if sys.argv[1:] == ["--one-decode"]:
         print(json.dumps({"sampling": sampling_case(), "attention": attention_case()}))
@@ -312,16 +319,16 @@ def main() -> None:
         print(f"wrote the decoding rows of {RESULTS.relative_to(ROOT)}")
         return
     cases = []
-    for dtype_name, ckpt, chunk, generate in CASES:
+    for dtype_name, ckpt, chunk, generate, vocab in CASES:
         cmd = [sys.executable, __file__, "--one", dtype_name, "ckpt" if ckpt else "nockpt", str(chunk),
-               "gen" if generate else "nogen"]
+               "gen" if generate else "nogen", str(vocab)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"{dtype_name} ckpt={ckpt} failed:\n{done.stderr[-3000:]}")
         cases.append(json.loads(done.stdout.strip().splitlines()[-1]))
     for case in cases:
         print(f"{case['dtype']} checkpointing={'on' if case['grad_checkpointing'] else 'off'} "
-              f"logprob_chunk={case['logprob_chunk']}")
+              f"logprob_chunk={case['logprob_chunk']} vocab={case['vocab']}")
         for r in case["phases"]:
             error = "" if r["error"] is None else f"error {r['error']:+.0%}"
             print(f"  {r['phase']:<54} measured {r['measured_bytes'] / 2**20:7.1f} MiB   "

@@ -159,7 +159,11 @@ def test_sixteen_bit_weights_and_embeddings():
 def test_checkpoint_boundaries_and_logprob_chunk():
     bd = estimate(TINY, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6, shared_prompts=False)
     assert bd.term("checkpoint boundaries").bytes == 2 * 2 * 10 * 64 * 2  # L·B·T·D·c = 5120
-    assert bd.term("log-prob chunk (with grads)").bytes == 1 * 4 * 1000 * 16  # chunk·Tc·V·16 = 64000
+    # one fp32 logits block (4) and, for a 16-bit head (c=2), its 16-bit twin while casting: chunk·Tc·V·6
+    assert bd.term("log-prob chunk (with grads)").bytes == 1 * 4 * 1000 * 6
+    fp32 = estimate(TINY, tiny_settings(micro_batch=2, logprob_chunk=2, dtype="fp32"), prompt_len=6,
+                    shared_prompts=False)
+    assert fp32.term("log-prob chunk (with grads)").bytes == 2 * 4 * 1000 * 4  # no cast: chunk·Tc·V·4
     no_ckpt = estimate(TINY, tiny_settings(grad_checkpointing=False), prompt_len=6, shared_prompts=False)
     saved = budget.layer_saved_bytes_per_token(TINY, 8, 2, 10)
     assert no_ckpt.term("activations of all layers").bytes == 2 * 20 * saved
@@ -176,6 +180,12 @@ def test_rows_of_a_group_share_their_prompt_in_training_on_cpu():
     repeated = 2 * 6 * 2 * 64 * 2  # B·Tp·2·H·hd·c: the prompt's K/V for both rows, repeated to all heads
     # the prompt's pass through the last layer feeds nothing but its K/V: L·n - kt·Tp = 2·14 - 6 token-layers
     assert no_ckpt.term("activations of all layers").bytes == (2 * 14 - 6) * saved + 2 * repeated
+    # the prompt (6 tokens) and the completions (2·4 = 8) are two decoder calls: one layer holds the larger, m = 8
+    back = budget.layer_backward_bytes_per_token(TINY, 2)
+    assert bd.term("one layer recomputed + its backward").bytes == 8 * (saved + back) + repeated
+    assert no_ckpt.term("one layer's backward").bytes == 8 * back
+    ref_tok = budget.layer_nograd_bytes_per_token(TINY, 2, 10, lora=False)  # the reference pass: adapter off
+    assert ref_tok == budget.layer_nograd_bytes_per_token(TINY, 2, 10) - 8 * TINY.intermediate
     sliding = replace(TINY, full_attention=False)  # such models score each row on its own (policy.can_share_prompt)
     assert estimate(sliding, tiny_settings(micro_batch=2, logprob_chunk=1), prompt_len=6, caps=cpu).term(
         "checkpoint boundaries").bytes == 5120
@@ -367,7 +377,7 @@ def test_a_pinned_chunk_keeps_micro_batches_at_least_that_big():
 def test_shorter_completions_only_as_the_last_resort():
     roomy = plan(QWEN, parse_bytes("4G"), PROMPTS)
     assert roomy.max_new_tokens == 200
-    tight = plan(QWEN, parse_bytes("2.5G"), PROMPTS, pins={"quant": "none"})
+    tight = plan(QWEN, parse_bytes("2.3G"), PROMPTS, pins={"quant": "none"})
     assert tight.max_new_tokens < 200 and tight.micro_batch == 1
     assert tight.grad_checkpointing and tight.lora_rank == 4
     assert any("last resort" in why for _, _, why in tight.reasons)

@@ -1,5 +1,7 @@
 """Policy: chunked log-probs equal the full computation; QLoRA on CPU keeps correct gradients after generate."""
 
+import math
+
 import pytest
 import torch
 
@@ -494,3 +496,53 @@ def test_laid_out_cache_samples_the_same_tokens_and_never_grows(tiny_model, monk
     monkeypatch.setattr(policy, "lay_out", lambda cache, rows, room: False)
     monkeypatch.setattr(policy, "decode", real_decode)
     assert torch.equal(sample(), laid_out)  # the grown cache: the same tokens
+
+
+def test_token_logprob_by_hand():
+    # V=3, D=2: logits = h W^T = [1, 0, 0], target 0 -> logp = 1 - log(e + 2), d logp / d h = (onehot - p) W
+    h = torch.tensor([[[1.0, 0.0]]], requires_grad=True)  # [1, 1, 2]
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    logp = policy._TokenLogprob.apply(h, w, None, torch.tensor([[0]]))
+    e = math.e
+    assert logp.item() == pytest.approx(1 - math.log(e + 2), abs=1e-6)
+    logp.sum().backward()
+    assert h.grad.flatten().tolist() == pytest.approx([1 - e / (e + 2), -1 / (e + 2)], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_token_logprob_matches_autograd_of_log_softmax(dtype, bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).to(dtype)
+    h = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 50, (3, 5))
+    g = torch.randn(3, 5)  # an uneven upstream gradient
+    got = policy._TokenLogprob.apply(h, head.weight, head.bias, t)
+    (got * g).sum().backward()
+    got_grads = [x.grad.clone() for x in (h, head.weight) + ((head.bias,) if bias else ())]
+    for x in (h, head.weight, head.bias):
+        if x is not None:
+            x.grad = None
+    want = policy._token_logprobs(head, h, t)
+    (want * g).sum().backward()
+    want_grads = [x.grad for x in (h, head.weight) + ((head.bias,) if bias else ())]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got, want, atol=tol)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+    with torch.no_grad():  # the no-grad path (reference pass) gives the same values
+        assert torch.allclose(policy._logprob_and_lse(h, head.weight, head.bias, t)[0], want, atol=tol)
+
+
+def test_heads_that_are_not_plain_linears_use_autograd(tiny_model, monkeypatch):
+    model, tok = load(tiny_model)
+    ids, mask = batch(tok, ["a 12 + 3 = 15", "b 7"])
+    used = []
+    monkeypatch.setattr(policy._TokenLogprob, "apply", lambda *a: used.append(1) or torch.zeros(2, 3))
+    policy.completion_logprobs(model, ids, mask, 3, 2)
+    assert used  # a plain Linear head takes the hand-written backward
+    used.clear()
+    head = policy.causal_lm(model).get_output_embeddings()
+    head.register_forward_hook(lambda *a: None)  # e.g. an offloading hook: the module must run
+    logp = policy.completion_logprobs(model, ids, mask, 3, 2)
+    assert not used and logp.shape == (2, 3)

@@ -23,12 +23,12 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
     on CPUs the distinct prompts of a micro-batch run once and each row's completion attends to its prompt's K/V
     (policy.completion_hidden), for full-attention models; on CUDA every row runs whole (policy.share_scoring);
     gradient checkpointing is non-reentrant at each decoder layer; log-probs only at completion positions,
-    `logprob_chunk` rows at a time, each chunk's logits recomputed in backward (torch.utils.checkpoint around
-    lm_head + gather - logsumexp), so only one chunk's [chunk, Tc, V] tensors are ever alive.
+    `logprob_chunk` rows at a time, each chunk's logits recomputed in backward and turned into their gradient in
+    place (policy._TokenLogprob), so only one chunk's [chunk, Tc, V] fp32 block is ever alive.
 
 The framework overhead (CUDA context, workspaces, allocator fragmentation) is a documented constant; the CUDA
-context and the log-prob term were calibrated by bench/budget.py on an H200, and bench/budget_cpu.py checks the
-activation terms on CPU (docs/memory.md has both tables).
+context was calibrated by bench/budget.py on an H200, and bench/budget_cpu.py checks the activation and log-prob
+terms on CPU (docs/memory.md has both tables).
 """
 
 from __future__ import annotations
@@ -77,11 +77,16 @@ def sampling_bytes(top_p: float, cuda: bool = False) -> int:
     return SAMPLING_BYTES["top-p cuda" if cuda else "top-p"]
 
 
-# per log-prob element in backward (policy._token_logprobs: gather - logsumexp): the fp32 logits, logsumexp's
-# softmax temporary, and the two logits grads (from gather and from logsumexp) before they are summed. Measured:
-# 4 B/element above 12 on an H200 (bf16, bench/budget.py) and on CPU (fp32 and bf16, bench/budget_cpu.py).
-LOGPROB_GRAD_BYTES = 16
-LOGPROB_NOGRAD_BYTES = 8  # per element without grad: fp32 logits + logsumexp's temporary
+def logprob_bytes(c: int) -> int:
+    """Bytes per element of one log-prob chunk's [chunk, Tc, V] block, with or without grad.
+
+    policy._TokenLogprob holds one fp32 logits block (exp and the gradient run in place), plus the head's 16-bit
+    output while it is cast to fp32 (forward, and the recompute in backward) and the gradient's 16-bit copy for
+    the matmul back to the hidden states. Autograd through gather - logsumexp held 16 (measured on an H200 and
+    on CPU before the hand-written backward)."""
+    return 4 + (c if c < 4 else 0)
+
+
 LOSS_TENSORS = 16  # the loss' working set: about this many [B, Tc] fp32 tensors
 
 # Framework overhead. The CUDA context was measured by bench/budget.py on an H200 (torch 2.11, CUDA 13.0): 619 MiB
@@ -516,11 +521,12 @@ def layer_saved_bytes_per_token(g: ModelGeometry, rank: int, c: int, seq: int, f
 
 
 def layer_backward_bytes_per_token(g: ModelGeometry, c: int) -> int:
-    """Gradients alive beyond the saved tensors while one layer runs backward (autograd frees saved tensors as
-    it goes): two [I] grads in c plus, when c is not fp32, the fp32 grad of down's LoRA input; two [D] grads in
-    c plus two fp32 ones. Fitted to bench/budget_cpu.py's measurements (bf16 within 5 %, fp32 over by <= 40 %)."""
+    """Gradients alive beyond the saved tensors while one layer runs backward (autograd frees saved tensors and
+    consumed grads as it goes): one [I] grad in c plus, when c is not fp32, the fp32 grad of down's LoRA input;
+    two [D] grads in c plus two fp32 ones. Fitted to bench/budget_cpu.py's checkpointed runs (one layer
+    recomputed and its backward, measured with a small vocabulary so the log-prob chunk is not the peak)."""
     lora = 4 if c != 4 else 0
-    return g.intermediate * (2 * c + lora) + g.hidden * (2 * c + 2 * lora)
+    return g.intermediate * (c + lora) + g.hidden * (2 * c + 2 * lora)
 
 
 def prefill_rows(gen_batch: int, group_size: int) -> int:
@@ -536,11 +542,13 @@ def prefill_rows(gen_batch: int, group_size: int) -> int:
     return min(gen_batch, -(-(gen_batch + group_size - math.gcd(gen_batch, group_size)) // group_size))
 
 
-def layer_nograd_bytes_per_token(g: ModelGeometry, c: int, seq: int, fused_attention: bool = True) -> int:
+def layer_nograd_bytes_per_token(g: ModelGeometry, c: int, seq: int, fused_attention: bool = True,
+                                 lora: bool = True) -> int:
     """Peak live bytes of one layer's forward without grad (prefill, reference pass), per token: silu(gate) and
-    up in c plus two fp32 [I] LoRA temporaries (lora_B out, scaled sum), the residual stream and fp32 norm
-    temporaries, and the float mask row. Eager attention adds scores, fp32 softmax and probs."""
-    nograd = g.intermediate * (2 * c + 8) + g.hidden * (c + 8) + seq * c
+    up in c plus, with the adapter on, two fp32 [I] LoRA temporaries (lora_B out, scaled sum), the residual
+    stream and fp32 norm temporaries, and the float mask row. Eager attention adds scores, fp32 softmax and probs.
+    The reference pass runs with the adapter off (`lora=False`)."""
+    nograd = g.intermediate * (2 * c + (8 if lora else 0)) + g.hidden * (c + 8) + seq * c
     if not fused_attention:
         nograd += g.heads * seq * (2 * c + 4)
     return nograd
@@ -679,32 +687,37 @@ def estimate(
     shared = shared_scoring and g.full_attention and kt < b and tp > 1
     n = kt * tp + b * tc if shared else b * t  # tokens through the decoder
     tokens = f"(kt·Tp + B·Tc) = ({kt}·{tp} + {b}·{tc})" if shared else f"B·T = {b}·{t}"
+    # The prompts and the completions are two decoder calls: one layer's working set holds the larger one's tokens
+    call = max(kt * tp, b * tc) if shared else n
+    per_call = "m" if shared else "n"
+    calls = f"m = max(kt·Tp, B·Tc) = {call}"
     grads = add("training", "LoRA grads (fp32)", 4 * n_lora, "4 B per LoRA param")
     shared_kv = add("training", "shared prompts' K/V", kv_per_token * kt * tp,
                     f"2·L·KV·hd·kt·Tp·c = {kv_per_token}·{kt}·{tp}, kt = distinct prompts of B rows") if shared else 0
     repeat_kv = b * tp * 2 * g.q_dim * c if shared else 0
-    ref_tok = layer_nograd_bytes_per_token(g, c, t, caps.fused_attention)
+    ref_tok = layer_nograd_bytes_per_token(g, c, t, caps.fused_attention, lora=False)  # the adapter is off
     ref = add("training", "reference pass (no grad)",
-              shared_kv + n * D * c + max(n * ref_tok + repeat_kv, k * tc * V * LOGPROB_NOGRAD_BYTES),
-              f"K/V + n·D·c + max(n·one layer{' + B·Tp·2·H·hd·c' if shared else ''}, "
-              f"chunk·Tc·V·{LOGPROB_NOGRAD_BYTES}), n = {tokens}")
+              shared_kv + n * D * c + max(call * ref_tok + repeat_kv, k * tc * V * logprob_bytes(c)),
+              f"K/V + n·D·c + max({per_call}·one layer{' + B·Tp·2·H·hd·c' if shared else ''}, "
+              f"chunk·Tc·V·{logprob_bytes(c)}), n = {tokens}" + (f", {calls}" if shared else ""))
     saved = layer_saved_bytes_per_token(g, s.lora_rank, c, t, caps.fused_attention)
     back = layer_backward_bytes_per_token(g, c)
     if s.grad_checkpointing:
         kept = add("training", "checkpoint boundaries", L * n * D * c, f"L·n·D·c, n = {tokens}")
-        layer = add("training", "one layer recomputed + its backward", n * (saved + back)
-                    + repeat_kv, f"n·(saved + grads) = {n}·({saved} + {back})"
-                    + (f" + B·Tp·2·H·hd·c = {repeat_kv}" if shared else ""))
+        layer = add("training", "one layer recomputed + its backward", call * (saved + back)
+                    + repeat_kv, f"{per_call}·(saved + grads) = {call}·({saved} + {back})"
+                    + (f" + B·Tp·2·H·hd·c = {repeat_kv}, {calls}" if shared else ""))
     else:
         kept = add("training", "activations of all layers", (L * n - (kt * tp if shared else 0)) * saved
                    + L * repeat_kv, f"L·n·saved = {L}·{n}·{saved}" if not shared else
                    f"((L·n - kt·Tp)·saved + L·B·Tp·2·H·hd·c = ({L}·{n} - {kt}·{tp})·{saved} + {L}·{repeat_kv}")
-        layer = add("training", "one layer's backward", n * back, f"n·grads = {n}·{back}")
+        layer = add("training", "one layer's backward", call * back,
+                    f"{per_call}·grads = {call}·{back}" + (f", {calls}" if shared else ""))
     kept += shared_kv
     final = add("training", "final norm + hidden", b * tc * D * (4 + c) if shared else n * D * (4 + c),
                 f"B·Tc·D·(4+c) = {b}·{tc}·{D}·{4 + c}" if shared else f"B·T·D·(4+c) = {n}·{D}·{4 + c}")
-    chunk = add("training", "log-prob chunk (with grads)", k * tc * V * LOGPROB_GRAD_BYTES,
-                f"chunk·Tc·V·{LOGPROB_GRAD_BYTES} = {k}·{tc}·{V}·{LOGPROB_GRAD_BYTES}")
+    chunk = add("training", "log-prob chunk (with grads)", k * tc * V * logprob_bytes(c),
+                f"chunk·Tc·V·{logprob_bytes(c)} = {k}·{tc}·{V}·{logprob_bytes(c)}")
     loss = add("training", "loss working set", LOSS_TENSORS * b * tc * 4,
                f"{LOSS_TENSORS}·B·Tc·4 = {LOSS_TENSORS}·{b}·{tc}·4")
     step = add("training", "AdamW step temporaries", 4 * n_lora, "4 B per LoRA param (foreach sqrt)")

@@ -433,8 +433,56 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     return picked.squeeze(-1)  # [b]
 
 
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(hidden, weight, bias).float()  # [c, Tc, V] fp32
+
+
+def _logprob_and_lse(hidden, weight, bias, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits)[target] and logsumexp(logits), holding one fp32 logits block: exp runs in place."""
+    logits = _logits(hidden, weight, bias)  # [c, Tc, V]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c, Tc]
+    top = logits.amax(-1, keepdim=True)  # [c, Tc, 1]
+    lse = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # [c, Tc]
+    return picked - lse, lse
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """The log-prob of each target token under the LM head, with a hand-written backward.
+
+    Autograd through gather - logsumexp keeps 16 B per logit alive in backward (the fp32 logits, logsumexp's
+    softmax, and a gradient from each branch before they are summed). Here forward saves only the logsumexp,
+    and backward recomputes the logits once and turns them into their gradient in place,
+    d logp / d logits = onehot(target) - softmax(logits): one fp32 block, 4 B per logit (plus a 16-bit copy
+    of it when the head is 16-bit). budget.logprob_bytes counts the same."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logp, lse = _logprob_and_lse(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return logp  # [c, Tc]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [c, Tc]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        g = _logits(hidden, weight, bias)  # [c, Tc, V] recomputed
+        g.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -grad * softmax
+        g.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))  # + grad at the target
+        g = g.to(hidden.dtype)
+        grad_hidden = g @ weight if ctx.needs_input_grad[0] else None  # [c, Tc, D]
+        grad_weight = g.flatten(0, -2).T @ hidden.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        grad_bias = g.flatten(0, -2).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _plain_linear(head: torch.nn.Module) -> bool:
+    """A torch Linear whose forward nobody replaced or hooked (a quantised or adapted head is scored as a module)."""
+    return (type(head) is torch.nn.Linear and "forward" not in vars(head) and not head._forward_hooks
+            and not head._forward_pre_hooks)
+
+
 def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # [c, Tc, V] fp32: the only place a logits block exists
+    """The general path, for heads that are not a plain Linear: autograd through gather - logsumexp."""
+    logits = head(hidden).float()  # [c, Tc, V] fp32
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [c, Tc]
 
 
@@ -442,18 +490,23 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
                         chunk: int) -> torch.Tensor:
     """Log-prob of each completion token, computing the LM head `chunk` rows at a time.
 
-    Only completion positions go through the LM head, and under autograd each chunk is checkpointed, so the
-    full [B, T, V] fp32 logits never exist: the peak is one [chunk, Tc, V] block (plus its gradient in backward).
+    Only completion positions go through the LM head, and each chunk's logits are recomputed in backward, so the
+    full [B, T, V] fp32 logits never exist: the peak is one [chunk, Tc, V] fp32 block (`_TokenLogprob`).
     Rows that share a prompt run it once (`completion_hidden`).
     """
     causal = causal_lm(model)
     hidden = completion_hidden(causal.get_decoder(), input_ids, attention_mask, n_completion)  # [B, Tc, H]
     head = causal.get_output_embeddings()
     targets = input_ids[:, -n_completion:]  # [B, Tc]
+    plain = _plain_linear(head)
     rows = []
     for s in range(0, input_ids.shape[0], chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
-        if torch.is_grad_enabled():
+        if plain and torch.is_grad_enabled():
+            rows.append(_TokenLogprob.apply(h, head.weight, head.bias, t))  # [c, Tc]
+        elif plain:
+            rows.append(_logprob_and_lse(h, head.weight, head.bias, t)[0])  # [c, Tc]
+        elif torch.is_grad_enabled():
             rows.append(checkpoint(_token_logprobs, head, h, t, use_reentrant=False))  # [c, Tc]
         else:
             rows.append(_token_logprobs(head, h, t))  # [c, Tc]
