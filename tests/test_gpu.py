@@ -1,5 +1,5 @@
-"""Checks that need a CUDA device (skipped without one): a real out-of-memory back-off, the fp16 encoder, and
-decoding into the laid-out cache."""
+"""Checks that need a CUDA device (skipped without one): a real out-of-memory back-off, the fp16 encoder,
+decoding into the laid-out cache, and the log-prob chunk's hand-written backward."""
 
 from __future__ import annotations
 
@@ -97,3 +97,30 @@ def test_laid_out_cache_on_cuda_samples_like_the_grown_one_and_reserves_less(tmp
     grown, reserved_grown = run()
     assert (laid_out == grown).float().mean() > 0.95
     assert reserved_laid_out <= reserved_grown
+
+
+def test_token_logprob_on_cuda_matches_autograd_and_holds_one_block():
+    """The log-prob chunk's hand-written backward in bf16 on CUDA: the same values and gradients as autograd through
+    log_softmax, and a backward that holds at most one fp32 block and its bf16 copy (6 B per logit; autograd 16)."""
+    from tinyrl import budget, policy
+
+    torch.manual_seed(0)
+    c, tc, d, v = 4, 200, 896, 151936  # a chunk of 4 rows of Qwen2.5-0.5B's shapes
+    head = torch.nn.Linear(d, v, bias=False, device="cuda", dtype=torch.bfloat16)
+    head.weight.requires_grad_(False)  # frozen, as under LoRA
+    h = torch.randn(c, tc, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (c, tc), device="cuda")
+    want = torch.log_softmax(head(h).float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    want.sum().backward()
+    want_grad, h.grad = h.grad.clone(), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = policy._TokenLogprob.apply(h, head.weight, None, t)
+    got.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert torch.allclose(got, want.detach(), atol=2e-2)
+    assert torch.allclose(h.grad.float(), want_grad.float(), atol=2e-2, rtol=2e-2)
+    planned = c * tc * v * budget.logprob_bytes(2)
+    assert extra <= planned * 1.05 + 16 * MiB, (extra / MiB, planned / MiB)
