@@ -145,3 +145,21 @@ def test_eval_every_n_steps_during_fit(tiny_model, tmp_path):
     metrics = rows(os.path.join(loop.fit(cfg, quiet=True), "metrics.jsonl"))
     assert "eval/exact_match" not in metrics[0] and metrics[1]["eval/n"] == 3
     assert 0.0 <= metrics[1]["eval/extractive_match"] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_on_cpu_in_fp32_each_backward_starts_after_the_freed_heap_is_handed_back(tiny_model, tmp_path,
+                                                                                 monkeypatch, dtype):
+    """Backward sets the training peak; on CPU in fp32 the forward's freed heap goes back to the system
+    (malloc_trim) between each micro-batch's loss and its backward. In bf16 that bought nothing, so it is not done."""
+    events = []
+    real_loss, real_backward, real_release = loop.grpo.loss, torch.autograd.backward, loop.meter.release_freed
+    monkeypatch.setattr(loop.grpo, "loss", lambda *a, **k: events.append("loss") or real_loss(*a, **k))
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: events.append("backward") or real_backward(*a, **k))
+    monkeypatch.setattr(loop.meter, "release_freed", lambda: events.append("trim") or real_release())
+    cfg = Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=1, prompts_per_step=2,
+                 group_size=4, max_new_tokens=8, micro_batch=4, gen_batch=8, dtype=dtype)
+    loop.fit(cfg, quiet=True)
+    training = events[events.index("loss"):]
+    per_micro_batch = ["loss", "trim", "backward"] if dtype == "fp32" else ["loss", "backward"]
+    assert training == per_micro_batch * 2  # two micro-batches of 4

@@ -24,6 +24,16 @@ LATEST = "latest"
 CRASH_ENV = "TINYRL_CRASH_AT"  # tests only: SIGKILL this process at a named point, e.g. "before-latest:4"
 
 
+def check_writable(run: str) -> None:
+    """Fail before any work when the run folder cannot be written (the folder itself is created later)."""
+    parent = os.path.dirname(os.path.abspath(run))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = run if os.path.exists(run) else parent
+    if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run}: cannot write there; choose another folder")
+
+
 def _crash_point(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
