@@ -121,6 +121,8 @@ def test_token_logprob_on_cuda_matches_autograd_and_holds_one_block():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.allclose(got, want.detach(), atol=2e-2)
-    assert torch.allclose(h.grad.float(), want_grad.float(), atol=2e-2, rtol=2e-2)
+    # relative to the whole gradient: the softmax part is ~5 % of it here, so an elementwise tolerance would pass a
+    # backward that got it wrong
+    assert (h.grad.float() - want_grad.float()).norm() / want_grad.float().norm() < 1e-2
     planned = c * tc * v * budget.logprob_bytes(2)
     assert extra <= planned * 1.05 + 16 * MiB, (extra / MiB, planned / MiB)

@@ -475,9 +475,10 @@ class _TokenLogprob(torch.autograd.Function):
 
 
 def _plain_linear(head: torch.nn.Module) -> bool:
-    """A torch Linear whose forward nobody replaced or hooked (a quantised or adapted head is scored as a module)."""
-    return (type(head) is torch.nn.Linear and "forward" not in vars(head) and not head._forward_hooks
-            and not head._forward_pre_hooks)
+    """A torch Linear with a plain weight, whose forward nobody replaced or hooked (a quantised, adapted or
+    hooked head is scored as a module, through autograd)."""
+    return (type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter and "forward" not in vars(head)
+            and not head._forward_hooks and not head._forward_pre_hooks)
 
 
 def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
