@@ -131,6 +131,7 @@ def rescore(path: str) -> None:
     # decoding repeated K/V to every head under transformers 5.17 (the version of the sweeps before this key)
     repeats = result["settings"].get("decode_repeats_kv", result["hardware"].get("transformers") == "5.17.0")
     laid_out = result["settings"].get("laid_out_cache", False)  # sweeps before policy.lay_out grew the cache
+    autograd = result["settings"].get("logprob_backward") != "hand-written"  # before policy._TokenLogprob
     for row in result["rows"]:
         m = row["measured"]
         if "mem/device" not in m:
@@ -140,7 +141,7 @@ def rescore(path: str) -> None:
         bd = budget.estimate(g, budget.Settings(**knobs), row["plan"]["prompt_len"], caps, encoder_bytes=0,
                              shared_prompts=shared, top_p=result["settings"].get("top_p", 1.0),
                              shared_scoring=scoring, repeats_kv=repeats,
-                             laid_out=laid_out)
+                             laid_out=laid_out, autograd_logprobs=autograd)
         now = {"generate": bd.fixed + bd.generation, "train": bd.fixed + bd.training, "device": bd.peak}
         row["rescored"] = {f"error_{k}": round((v - m[f"mem/{k}"]) / m[f"mem/{k}"], 3) for k, v in now.items()}
         row["rescored"]["error_needed"] = round((bd.peak - row["needed_bytes"]) / row["needed_bytes"], 3)
@@ -151,8 +152,9 @@ def rescore(path: str) -> None:
               f"(device incl. allocator cache {row['rescored']['error_device']:+.1%})")
     result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "shared_prompts": shared, "shared_scoring": scoring,
                           "decode_repeats_kv": repeats, "laid_out_cache": laid_out,
+                          "autograd_logprobs": autograd,
                           "what": "errors of the current planner's constants for the same settings and the same "
-                                  "generation code as measured (rows[].rescored)"}
+                                  "code paths as measured (rows[].rescored)"}
     write_atomic(path, result)
 
 
@@ -243,6 +245,7 @@ def main() -> None:
                            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                            "decode_repeats_kv": budget.decode_repeats_kv(),
                            "laid_out_cache": budget.cache_lays_out(),
+                           "logprob_backward": "hand-written",  # policy._TokenLogprob (before it: autograd)
                            "steps": args.steps, "headline rows (P=16)": [f"{m} {v}" for m, v in HEADLINE]},
               "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     measured_by_knobs: dict[str, dict] = {}
@@ -250,7 +253,7 @@ def main() -> None:
         with open(args.prior) as f:
             prior = json.load(f)
         code = ("shared_prompts", "shared_scoring", "decode_repeats_kv", "laid_out_cache", "top_p",
-                "PYTORCH_CUDA_ALLOC_CONF")  # what the rows' code and settings were: one file holds one of each
+                "PYTORCH_CUDA_ALLOC_CONF", "logprob_backward")  # what the rows' code and settings were: one file holds one of each
         differ = [k for k in code if prior["settings"].get(k) != result["settings"][k]]
         if differ:
             sys.exit(f"--prior {args.prior} was measured with other code or settings ({', '.join(differ)}): "

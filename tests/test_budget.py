@@ -489,3 +489,12 @@ def test_a_cpu_run_on_a_gpu_host_is_planned_for_the_cpu(monkeypatch):
     assert not budget.detect_caps("cpu").cuda
     assert budget.detect_caps("auto").cuda and budget.detect_caps("cuda").name == "Fake GPU 0"
     assert budget.detect_caps("cuda:1").name == "Fake GPU 1"
+
+
+def test_autograd_logprobs_rescore_runs_from_before_the_hand_written_backward():
+    # V=1000, Tc=4, chunk 1: autograd held 16 B per element with grad and 8 without; the hand-written backward 6
+    old = estimate(TINY, tiny_settings(), prompt_len=6, autograd_logprobs=True, shared_prompts=False)
+    new = estimate(TINY, tiny_settings(), prompt_len=6, shared_prompts=False)
+    assert old.term("log-prob chunk (with grads)").bytes == 4 * 1000 * 16
+    assert new.term("log-prob chunk (with grads)").bytes == 4 * 1000 * 6
+    assert "chunk·Tc·V·8" in old.term("reference pass (no grad)").formula

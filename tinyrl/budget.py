@@ -584,6 +584,7 @@ def estimate(
     shared_scoring: bool | None = None,
     repeats_kv: bool | None = None,
     laid_out: bool | None = None,
+    autograd_logprobs: bool = False,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
     (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
@@ -591,7 +592,9 @@ def estimate(
     prompt), to re-score measurements taken then. `shared_scoring`: whether training runs a group's prompt once
     (default: where policy.share_scoring does, i.e. not on CUDA, and only with shared_prompts). `repeats_kv`:
     whether decoding repeats K/V to every head (default: what the installed transformers does). `laid_out`:
-    whether generation lays the cache out at full length once (policy.lay_out; default: where it can)."""
+    whether generation lays the cache out at full length once (policy.lay_out; default: where it can).
+    `autograd_logprobs`: log-prob chunks through autograd (16 B per element with grad, 8 without), as for a head
+    that is not a plain Linear and as every run did before policy._TokenLogprob, to re-score those."""
     g, s = geometry, settings
     c = DTYPES[s.dtype]
     L, D, V, I, H = g.layers, g.hidden, g.vocab, g.intermediate, g.heads  # noqa: N806 - the shape vocabulary
@@ -681,6 +684,7 @@ def estimate(
     # keeps them repeated for B rows and H heads. The prompts' pass through the last layer feeds nothing (only its
     # K/V are read), so autograd keeps L-1 layers' worth of it.
     b, k = s.micro_batch, s.logprob_chunk
+    lp_grad, lp_nograd = (16, 8) if autograd_logprobs else (logprob_bytes(c), logprob_bytes(c))
     kt = prefill_rows(b, s.group_size)
     if shared_scoring is None:
         shared_scoring = shared_prompts and not caps.cuda
@@ -697,9 +701,9 @@ def estimate(
     repeat_kv = b * tp * 2 * g.q_dim * c if shared else 0
     ref_tok = layer_nograd_bytes_per_token(g, c, t, caps.fused_attention, lora=False)  # the adapter is off
     ref = add("training", "reference pass (no grad)",
-              shared_kv + n * D * c + max(call * ref_tok + repeat_kv, k * tc * V * logprob_bytes(c)),
+              shared_kv + n * D * c + max(call * ref_tok + repeat_kv, k * tc * V * lp_nograd),
               f"K/V + n·D·c + max({per_call}·one layer{' + B·Tp·2·H·hd·c' if shared else ''}, "
-              f"chunk·Tc·V·{logprob_bytes(c)}), n = {tokens}" + (f", {calls}" if shared else ""))
+              f"chunk·Tc·V·{lp_nograd}), n = {tokens}" + (f", {calls}" if shared else ""))
     saved = layer_saved_bytes_per_token(g, s.lora_rank, c, t, caps.fused_attention)
     back = layer_backward_bytes_per_token(g, c)
     if s.grad_checkpointing:
@@ -716,8 +720,8 @@ def estimate(
     kept += shared_kv
     final = add("training", "final norm + hidden", b * tc * D * (4 + c) if shared else n * D * (4 + c),
                 f"B·Tc·D·(4+c) = {b}·{tc}·{D}·{4 + c}" if shared else f"B·T·D·(4+c) = {n}·{D}·{4 + c}")
-    chunk = add("training", "log-prob chunk (with grads)", k * tc * V * logprob_bytes(c),
-                f"chunk·Tc·V·{logprob_bytes(c)} = {k}·{tc}·{V}·{logprob_bytes(c)}")
+    chunk = add("training", "log-prob chunk (with grads)", k * tc * V * lp_grad,
+                f"chunk·Tc·V·{lp_grad} = {k}·{tc}·{V}·{lp_grad}")
     loss = add("training", "loss working set", LOSS_TENSORS * b * tc * 4,
                f"{LOSS_TENSORS}·B·Tc·4 = {LOSS_TENSORS}·{b}·{tc}·4")
     step = add("training", "AdamW step temporaries", 4 * n_lora, "4 B per LoRA param (foreach sqrt)")
