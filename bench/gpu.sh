@@ -9,7 +9,7 @@
 #           until LIMIT (default 270 s)
 #   second: trl, frag, then (if `first` ran on this machine) the rows of bench/budget.py it left, until
 #           SECOND_LIMIT (default 60 s)
-#   tests:  tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder, the laid-out cache)
+#   tests:  tests/test_gpu.py (a real CUDA OOM back-off, the fp16 encoder, the laid-out cache, the log-prob backward)
 #   quick:  tests + the headline rows of bench/budget.py
 #   sweep:  the rows of bench/budget.py not already in the kept sweep
 #   top_p:  bench/budget.py --rows qwen:8G --top-p 0.9 (the sampling sort's working set on CUDA)
