@@ -546,3 +546,22 @@ def test_heads_that_are_not_plain_linears_use_autograd(tiny_model, monkeypatch):
     head.register_forward_hook(lambda *a: None)  # e.g. an offloading hook: the module must run
     logp = policy.completion_logprobs(model, ids, mask, 3, 2)
     assert not used and logp.shape == (2, 3)
+
+
+@pytest.mark.parametrize("key,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
+                                       ("logits_scaling", 8.0)])
+def test_models_that_transform_their_logits_are_refused_in_one_line(tiny_model, tmp_path, key, value):
+    import json
+    import shutil
+
+    from tinyrl.errors import UserError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(UserError) as err:
+        load(str(folder))
+    assert key in str(err.value) and "\n" not in str(err.value)
+    for plain in (None,) if key == "final_logit_softcapping" else (None, 1.0):  # the neutral values load
+        policy.check_plain_logits(type("Config", (), {key: plain})(), "m")

@@ -124,6 +124,7 @@ def load_policy(model: str, *, quant: str, dtype: str, device: str, lora_rank: i
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load model {model!r} ({reason}); pass --model a local folder "
                         "with config.json and weights, or the offline alias smollm2-135m") from None
+    check_plain_logits(base.config, model)
     if quant != "4bit":
         base.to(dev)
     if dev.type == "cpu":
@@ -140,6 +141,18 @@ def load_policy(model: str, *, quant: str, dtype: str, device: str, lora_rank: i
         policy = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     return policy, tokenizer, dev
+
+
+def check_plain_logits(config, name: str) -> None:
+    """Training log-probs come from the LM head's output as it is (`completion_logprobs`). Models that transform it
+    afterwards (Gemma-2's soft-capping, Cohere's and Granite's logit scales) would sample one distribution and
+    train on another: refuse them in one line rather than learn from wrong log-probs."""
+    found = [f"{key}={getattr(config, key)}" for key, plain in
+             (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+             if getattr(config, key, plain) not in (None, plain)]
+    if found:
+        raise UserError(f"model {name!r} transforms its logits after the LM head ({', '.join(found)}), which tinyrl's "
+                        "log-probs do not model yet; pick a model without it (Qwen2.5, Llama-3.2, SmolLM2, Falcon3)")
 
 
 def cpu_bnb_workaround(model: torch.nn.Module) -> int:
