@@ -88,3 +88,12 @@ def test_plan_prints_the_byte_table_without_weights(monkeypatch, capsys):
 def test_plan_impossible_budget_is_one_line(monkeypatch, capsys):
     code, err = run_cli(monkeypatch, capsys, "plan", "gsm8k", "--vram", "1G", "--model", "Qwen/Qwen2.5-0.5B-Instruct")
     assert code == 2 and "does not fit" in err and "needs" in err and len(err.splitlines()) == 1
+
+
+def test_plan_refuses_a_model_that_transforms_its_logits_in_one_line(monkeypatch, capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gemma2", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "vocab_size": 1000,
+        "final_logit_softcapping": 30.0}))
+    code, err = run_cli(monkeypatch, capsys, "plan", "gsm8k", "--vram", "8G", "--model", str(tmp_path))
+    assert code == 2 and "final_logit_softcapping" in err and len(err.splitlines()) == 1

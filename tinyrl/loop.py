@@ -17,6 +17,7 @@ import json
 import os
 import random
 import time
+import types
 
 import torch
 
@@ -161,7 +162,9 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
     """The --vram plan: model geometry from config.json (no weights), prompt lengths from a sample of the task
     rendered with the model's tokenizer when one is at hand (else the prompt cap), the user's settings pinned."""
     name = "HuggingFaceTB/SmolLM2-135M-Instruct" if cfg.model in policy.ALIASES else cfg.model
-    geometry = budget.geometry_from_config(budget.load_model_config(name), name=cfg.model)
+    model_config = budget.load_model_config(name)
+    policy.check_plain_logits(types.SimpleNamespace(**model_config), cfg.model)  # refused before any plan is shown
+    geometry = budget.geometry_from_config(model_config, name=cfg.model)
     if not policy.prompt_sharing_available():  # this transformers scores every row with its own prompt
         geometry = dataclasses.replace(geometry, full_attention=False)
     lengths = [cfg.max_prompt_tokens]
