@@ -516,10 +516,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     rows = []
     for s in range(0, input_ids.shape[0], chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
-        if plain and torch.is_grad_enabled():
+        if plain:  # without grad (the reference pass) only its forward runs and nothing is kept
             rows.append(_TokenLogprob.apply(h, head.weight, head.bias, t))  # [c, Tc]
-        elif plain:
-            rows.append(_logprob_and_lse(h, head.weight, head.bias, t)[0])  # [c, Tc]
         elif torch.is_grad_enabled():
             rows.append(checkpoint(_token_logprobs, head, h, t, use_reentrant=False))  # [c, Tc]
         else:
