@@ -21,6 +21,8 @@
 # run (~110 s) or TRL never starts. `first` and `second` each fit one 10-minute call, not both together.
 # Device time on 2026-11-26 (H200): start ~1 min, `first` 6.3 min (tests 1 min, 10 rows), top_p 0.7 min,
 # tinyrl's vs-TRL run 1.8 min, TRL's 1.3 min, one more sweep row 1.1 min.
+# Later that day (H100, 15 minutes in all): start 0.5 min; `LIMIT=240 ... first` 5.1 min (tests 0.7 min, 6 rows);
+# `TRL_LIMIT=200 SECOND_LIMIT=30 ... second` 5.6 min (tinyrl 1.5 min, TRL 1.6 min, frag 0.8 min, one sweep row 1.1 min).
 set -uo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 \
        TOKENIZERS_PARALLELISM=false
@@ -70,7 +72,7 @@ frag() {
 
 first() {
   tests
-  sweep "${LIMIT:-270}" --rows qwen:8G,llama:8G,falcon:8G,qwen:4G,qwen:12G,llama:12G,falcon:12G,qwen:16G,llama:16G,falcon:16G
+  sweep "${LIMIT:-270}" --rows qwen:8G,llama:8G,falcon:8G,falcon:16G,qwen:4G,qwen:12G,llama:12G,falcon:12G,qwen:16G,llama:16G
 }
 
 second() {
