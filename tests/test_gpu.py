@@ -98,8 +98,7 @@ def test_laid_out_cache_on_cuda_samples_like_the_grown_one_and_reserves_less(tmp
     """On CUDA, decoding into the cache laid out once (policy.lay_out) gives the greedy tokens of growing it by
     torch.cat (exactly equal on CPU, tests/test_policy.py; here attention may read the strided cache through
     another kernel, so a near-tie may flip), and with expandable segments the allocator reserves no more for it.
-    With the default allocator it reserved more here (400 against 321 MB on an H100, 2026-11-26): attention's
-    per-step copies of the strided views grow by a token a step as the grown cache did (docs/memory.md)."""
+    With the default allocator it reserved more here (400 against 321 MB on an H100, 2026-11-26; docs/memory.md)."""
     import subprocess
     import sys
 
