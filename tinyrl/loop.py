@@ -272,13 +272,14 @@ def with_oom_backoff(run, cfg: Config, knob: str, log):
             return run(cfg), cfg
         except torch.OutOfMemoryError:
             value = getattr(cfg, knob)
+            hint = meter.allocator_hint()
             if value == 1:
-                raise UserError(f"out of memory with {knob}=1; lower max_new_tokens or lora_rank, use "
-                                "quant=4bit, or plan with a smaller --vram (docs/memory.md: what to try on OOM)")
+                raise UserError(f"out of memory with {knob}=1; lower max_new_tokens or lora_rank, use quant=4bit, or "
+                                f"plan with a smaller --vram{hint} (docs/memory.md: what to try on OOM)")
             smaller = dataclasses.replace(cfg, **{knob: value // 2})
             if knob == "micro_batch":
                 smaller = dataclasses.replace(smaller, logprob_chunk=min(cfg.logprob_chunk, value // 2))
-            log.echo(f"warning: out of memory; {knob} {value} -> {value // 2}, retrying the step")
+            log.echo(f"warning: out of memory; {knob} {value} -> {value // 2}, retrying the step{hint}")
             log.oom_backoffs += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
