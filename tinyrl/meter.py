@@ -87,7 +87,6 @@ def cuda_outside_torch(device: torch.device) -> int:
     return max(0, total - free - int(torch.cuda.memory_reserved(device)))
 
 
-
 def allocator_hint() -> str:
     """For an out-of-memory message on CUDA when torch's allocator has its default settings: the one setting that
     most often avoids fragmentation (Falcon3-1B at 16 GiB on an H100: 16.0 -> 13.1 GiB on the card, docs/memory.md)."""
@@ -95,6 +94,7 @@ def allocator_hint() -> str:
     if configured or not torch.cuda.is_available():
         return ""
     return "; setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the run often avoids this"
+
 
 # --- collapse indicators ------------------------------------------------------------------------
 
