@@ -194,13 +194,64 @@ def test_explore_warmup_switches_on_at_threshold():
     assert len(state.windows["success"]) == 2  # exploit has no warm-up: rows 2 and 3 recalled q2's value
 
 
+def test_read_before_write_reads_the_memory_as_it_stood_at_the_start_of_the_step():
+    state = MemoryState(settings(order="read-before-write"))
+    run(state, ["q", "q"], [unit(1)] * 2, [unit(0, 1), unit(0, 0, 1)], [True, False])  # success s, failure f
+    values = [unit(1), unit(0, -1), unit(0, 0, -1)]
+    r = run(state, ["q"] * 3, [unit(1)] * 3, values, [False, True, False])
+    # every read sees s = (0, 1, 0) and f = (0, 0, 1) only: −‖v − s‖ and 1 − cos(v, f)
+    # (reading after the earlier writes, row 2 would get −‖v2 − mean(s, v1)‖ = −1 and 1 − cos(v2, v0) = 1)
+    np.testing.assert_allclose(r.exploit_raw, [-np.sqrt(2), -2.0, -np.sqrt(2)])
+    np.testing.assert_allclose(r.explore_raw, [1.0, 1.0, 2.0])
+
+
+def test_read_before_write_still_recalls_a_key_evicted_during_the_step():
+    state = MemoryState(settings(order="read-before-write", max_keys=1))
+    run(state, ["q"], [unit(1)], [unit(0, 1)], [False])  # failure memory: q → (0, 1)
+    # row 0 stores p, which evicts q; row 1 still reads the start-of-step memory, where q holds (0, 1)
+    r = run(state, ["p", "q"], [unit(0, 0, 1), unit(1)], [unit(1), unit(1)], [False, True])
+    np.testing.assert_allclose(r.explore_raw, [1.0, 1.0])  # 1 − cos((1, 0), (0, 1)); p's value would give 0
+    assert state.failure.known("q") is None and state.failure.known("p") is not None
+
+
+def test_read_before_write_rewards_follow_a_permutation_of_the_group():
+    prior = (["q", "q", "q", "r"], [unit(1, 0.1)] * 3 + [unit(1, 1)],
+             [unit(0, 1), unit(0, 0, 1), unit(0, 1, 1), unit(1, 0, 0, 1)], [True, False, False, False])
+    values = [unit(0, 1, 2), unit(1, 1, 0, 1), unit(0, 1, 3), unit(0, 0, 1, 3)]  # rows 0 and 2: cos 0.99
+    correct = [False, True, False, True]  # in-step writes to both memories, each visible to a later read of q
+    perm = [3, 2, 0, 1]
+    rewards = []
+    for order in (range(4), perm):
+        state = MemoryState(settings(k=2, order="read-before-write"))  # B_failure: the values of q and r
+        run(state, *prior)
+        rewards.append(run(state, ["q"] * 4, [unit(1, 0.1)] * 4, [values[i] for i in order],
+                           [correct[i] for i in order]))
+    np.testing.assert_array_equal(rewards[1].exploit_raw, rewards[0].exploit_raw[perm])
+    np.testing.assert_array_equal(rewards[1].explore_raw, rewards[0].explore_raw[perm])
+
+
+def test_read_before_write_judges_the_explore_warmup_at_the_start_of_the_step():
+    state = MemoryState(settings(explore_warmup=2, order="read-before-write"))
+    keys = [unit(1, i) for i in range(3)]
+    # failure memory empty at the start: explore stays off all step, though it holds 2 questions before row 2 reads
+    r = run(state, ["q0", "q1", "q2"], keys, [unit(0, 1, i) for i in range(3)], [False] * 3)
+    assert r.explore_on.tolist() == [False, False, False]
+    assert len(state.windows["failure"]) == 0
+    r = run(state, ["q0"], keys[:1], [unit(0, 0, 1)], [False])  # 3 questions at the start of this step
+    assert r.explore_on.tolist() == [True]
+    np.testing.assert_allclose(r.explore_raw, [1.0])  # 1 − cos((0, 0, 1), (0, 1, 0))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batched step == the completions one by one (a plain sequential oracle with exact kNN)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class Oracle:
-    """Memory-R+ as the reference runs it, one completion at a time, with exact kNN and the §9 fixes."""
+    """Memory-R+ as the reference runs it, one completion at a time, with exact kNN and the §9 fixes.
+
+    write-before-read: each completion writes, then reads; read-before-write: every read of the step, then the writes.
+    """
 
     def __init__(self, s: MemorySettings):
         self.s = s
@@ -231,11 +282,11 @@ class Oracle:
 
     def step(self, questions, keys, values, correct):
         keys16, values16 = keys.astype(np.float16), values.astype(np.float16)
+        rows = list(zip(questions, keys16, values16, correct))
         out = []
-        for q, k16, v16, ok in zip(questions, keys16, values16, correct):
-            name = "success" if ok else "failure"
+        for q, k16, v16, ok in rows:
             if self.s.order == "write-before-read":
-                self.write(name, q, k16, v16)
+                self.write("success" if ok else "failure", q, k16, v16)
             on = len(self.mem["failure"]) >= self.s.explore_warmup
             bs, bf = self.recall("success", q, k16), self.recall("failure", q, k16)
             a = v16.astype(np.float64)
@@ -245,8 +296,9 @@ class Oracle:
             e = self.norm("success", e_raw) if bs else 0.0
             x = self.norm("failure", x_raw) if (bf and on) else 0.0
             out.append((e_raw, x_raw, e, x, on))
-            if self.s.order == "read-before-write":
-                self.write(name, q, k16, v16)
+        if self.s.order == "read-before-write":
+            for q, k16, v16, ok in rows:
+                self.write("success" if ok else "failure", q, k16, v16)
         return np.array(out, dtype=np.float64)
 
 

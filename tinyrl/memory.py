@@ -10,9 +10,11 @@ prompt's, §9.1 of docs/memory-r-plus.md) and returns per-completion rewards (§
 each min-max normalised over a window of the last `window` raw scores of its memory (ε, clipped to [0, 1], 0 for
 a degenerate window), explore off until the failure memory holds `explore_warmup` distinct questions.
 B(M, q) is the union of the value lists of the K keys nearest to q. The whole batch is handled in one call: one
-batched index search per memory, rewards vectorised per question; the result equals processing the completions
-one by one in list order, each writing then reading (`write-before-read`, the reference) or reading then
-writing (`read-before-write`); tests/test_memory.py checks this against a sequential oracle.
+batched index search per memory, rewards vectorised per question. `write-before-read` (the reference) equals
+processing the completions one by one in list order, each writing then reading; `read-before-write` reads per
+step: every completion reads the memories as they stood at the start of the step (explore warm-up included), so
+a GRPO group's rewards do not depend on the order of its completions, then all are written in list order. Either
+way the windows take the scores in list order; tests/test_memory.py checks both against a sequential oracle.
 
 Per step the loop calls `MemoryState.step(questions, key_vecs, value_vecs, correct)`; at a checkpoint
 `state.save(folder)`; on resume `state.load(folder)`; `state.stats()` for the log.
@@ -145,7 +147,8 @@ class MemorySettings:
     max_values: int = 100  # values per key before FIFO value eviction
     window: int = 100  # raw scores kept per memory for min-max normalisation
     explore_warmup: int = 500  # explore is 0 until the failure memory holds this many distinct questions
-    order: str = "write-before-read"  # or "read-before-write"
+    order: str = "write-before-read"  # each completion writes, then reads; or "read-before-write": every
+    # completion reads the start-of-step memories, then all write (in-step writes never reach an in-step read)
     exploit_weight: float = 1.0  # λ_s
     explore_weight: float = 1.0  # λ_e
     eps: float = 1e-8  # ε of the min-max normalisation
@@ -487,7 +490,8 @@ class MemoryRewards:
     """Per-completion memory rewards of one step (N = P*G completions, in the loop's order)."""
 
     exploit_raw: np.ndarray  # [N] float64, −‖a − mean(B_success)‖ (0 where nothing was recalled)
-    explore_raw: np.ndarray  # [N] float64, 1 − max cos(a, B_failure) (0 where nothing recalled; also during warm-up)
+    explore_raw: np.ndarray  # [N] float64, 1 − max cos(a, B_failure) (0 where nothing was recalled), during
+    # warm-up too: only `explore` is held at 0 while explore is off
     exploit: np.ndarray  # [N] float64 in [0, 1], window-normalised
     explore: np.ndarray  # [N] float64 in [0, 1], window-normalised, 0 while explore is off
     explore_on: np.ndarray  # [N] bool, failure memory past its warm-up when this completion read it
@@ -531,8 +535,9 @@ class MemoryState:
         questions [N]: each completion's own question text; key_vecs [N, D]: the embedding of that question
         (repeat the P question embeddings G times); value_vecs [N, D]: the embedding of each completion's
         reasoning span; correct [N] bool: which memory each completion is written to.
-        Gives what handling the completions one at a time in list order would (write then read, or read then
-        write), with the index's approximate search (re-ranked exactly) in place of exact kNN.
+        Gives what handling the completions one at a time in list order would (write then read), or, for
+        read-before-write, all reading the start-of-step memories and then all writing in list order; with the
+        index's approximate search (re-ranked exactly) in place of exact kNN.
         """
         t0 = time.perf_counter()
         s = self.settings
@@ -545,8 +550,8 @@ class MemoryState:
                              f"{keys16.shape}, {values16.shape}, {correct.shape}")
         writers = {"success": np.flatnonzero(correct), "failure": np.flatnonzero(~correct)}
         plans = {name: self.memories[name].plan(questions, writers[name]) for name in NAMES}
-        # Completion i writes at time 2i and reads at 2i + 1 (write first) or 2i − 1 (read first).
-        read_t = 2 * np.arange(n) + (1 if s.order == "write-before-read" else -1)  # [N]
+        # Completion i writes at time 2i and reads at 2i + 1 (write first) or at −1, before every write (read first).
+        read_t = 2 * np.arange(n) + 1 if s.order == "write-before-read" else np.full(n, -1)  # [N]
         t1 = time.perf_counter()
 
         groups: dict[str, list[int]] = {}  # question text -> rows asking it, in order
