@@ -80,6 +80,23 @@ def test_generate_masks_after_eos(tiny_model):
         assert cut or row[n - 1] == tok.eos_token_id
 
 
+def test_generate_restores_train_mode_after_an_out_of_memory_error(tiny_model, monkeypatch):
+    """The loop catches an OOM in generation and retries with a smaller gen_batch: the model must come back in
+    train mode, or gradient checkpointing is silently off for the rest of the run."""
+    model, tok = load(tiny_model, checkpointing=True)
+    model.train()
+    ids, mask = batch(tok, ["<|user|>hi<eos><|assistant|>"])
+    prompts = PromptBatch((Example("q1", "1", 0),), ("",), ids, mask)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(policy, "decode", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        policy.generate(model, tok, prompts, group_size=2, max_new_tokens=4, gen_batch=2)
+    assert model.training and all(m.training for m in model.modules())
+
+
 @pytest.mark.parametrize("gen_batch", [6, 4, 3, 1])  # all rows; straddling two prompts; within one; one row
 def test_shared_prefill_gives_the_same_completions(tiny_model, gen_batch):
     """Prefilling each prompt once for its G completions changes nothing: greedy and seeded sampled completions
@@ -533,6 +550,76 @@ def test_token_logprob_matches_autograd_of_log_softmax(dtype, bias):
     with torch.no_grad():  # the no-grad path (reference pass) gives the same values
         assert torch.allclose(policy._logprob_and_lse(h, head.weight, head.bias, t)[0], want, atol=tol)
 
+
+
+def test_token_logprob_at_a_temperature_by_hand():
+    # T = 0.5, D = 1: logits = [0, ln 2, ln 3] / 2, so logits / T = ln [1, 2, 3] and softmax = [1, 2, 3] / 6.
+    # Target 2: logp = ln(3/6) = -ln 2; d logp / d logits = (onehot - p) / T = [-1/3, -2/3, 1] = d logp / d W (h = 1)
+    h = torch.tensor([[[1.0]]], requires_grad=True)  # [1, 1, 1]
+    w = torch.tensor([[0.0], [math.log(2) / 2], [math.log(3) / 2]], requires_grad=True)  # [3, 1]
+    logp = policy._TokenLogprob.apply(h, w, None, torch.tensor([[2]]), 0.5)
+    assert logp.item() == pytest.approx(-math.log(2), abs=1e-6)
+    logp.sum().backward()
+    assert w.grad.flatten().tolist() == pytest.approx([-1 / 3, -2 / 3, 1], abs=1e-6)
+    assert h.grad.item() == pytest.approx(math.log(3) / 2 - math.log(2) / 3, abs=1e-6)  # sum_v (d logp / d logit_v) W_v
+
+
+def values_and_grads(logprobs, head, h, g):
+    """logprobs() and the gradients of sum(logprobs() * g) w.r.t. h, the head's weight and its bias (if any)."""
+    leaves = [x for x in (h, head.weight, head.bias) if x is not None]
+    for x in leaves:
+        x.grad = None
+    got = logprobs()
+    (got * g).sum().backward()
+    return got.detach(), [x.grad.clone() for x in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_token_logprobs_at_a_temperature_match_autograd_of_the_tempered_log_softmax(dtype, bias):
+    """Both paths, the hand-written one and the general one, score log softmax(logits / T)[target]."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).to(dtype)
+    h = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 50, (3, 5))
+    g = torch.randn(3, 5)  # an uneven upstream gradient
+    want, want_grads = values_and_grads(
+        lambda: torch.log_softmax(head(h).float() / 0.7, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1), head, h, g)
+    plain = values_and_grads(lambda: policy._TokenLogprob.apply(h, head.weight, head.bias, t, 0.7), head, h, g)
+    general = values_and_grads(lambda: policy._token_logprobs(head, h, t, 0.7), head, h, g)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, got_grads in (plain, general):
+        assert torch.allclose(got, want, atol=tol)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+    assert not torch.allclose(want, policy._token_logprobs(head, h, t).detach(), atol=0.1)  # T = 0.7 matters
+    with torch.no_grad():  # the no-grad path (reference pass) gives the same values
+        assert torch.allclose(policy._logprob_and_lse(h, head.weight, head.bias, t, 0.7)[0], want, atol=tol)
+
+
+@pytest.mark.parametrize("hooked", [False, True])  # the hand-written path; the general one (checkpointed with grad)
+def test_completion_logprobs_score_at_the_sampling_temperature(tiny_model, hooked):
+    model, tok = load(tiny_model, checkpointing=True)
+    model.train()
+    ids, mask = batch(tok, ["a 12 + 3 = 15", "b 7"])
+    if hooked:
+        policy.causal_lm(model).get_output_embeddings().register_forward_hook(lambda *a: None)
+    pos = policy.positions(mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -4:-1].float()  # [2, 3, V]
+        with model.disable_adapter():
+            ref_logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -4:-1].float()
+    targets = ids[:, -3:, None]  # [2, 3, 1]
+    want = torch.log_softmax(logits / 0.9, -1).gather(-1, targets).squeeze(-1)  # [2, 3]
+    want_ref = torch.log_softmax(ref_logits / 0.9, -1).gather(-1, targets).squeeze(-1)  # [2, 3]
+    got = policy.completion_logprobs(model, ids, mask, 3, 1, temperature=0.9)
+    assert got.requires_grad and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(policy.reference_logprobs(model, ids, mask, 3, 1, temperature=0.9), want_ref, atol=1e-5)
+    with torch.no_grad():
+        today = policy.completion_logprobs(model, ids, mask, 3, 1)
+        assert torch.equal(policy.completion_logprobs(model, ids, mask, 3, 1, temperature=1.0), today)
+        assert torch.allclose(policy.completion_logprobs(model, ids, mask, 3, 1, temperature=0.9), want, atol=1e-5)
+    assert not torch.allclose(today, want, atol=1e-3)  # the temperature matters here
 
 def test_heads_that_are_not_plain_linears_use_autograd(tiny_model, monkeypatch):
     model, tok = load(tiny_model)

@@ -283,8 +283,6 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache. With share_prefill
     each prompt of a batch is prefilled once for all its completions in that batch (`shared_prefill`),
     then `decode` samples from the policy itself, its LoRA layers run as lean closures (`lean_lora`)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
@@ -292,7 +290,7 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     ids = prompt_ids.repeat_interleave(group_size, 0)  # [P*G, Tp]
     mask = prompt_mask.repeat_interleave(group_size, 0)  # [P*G, Tp]
     chunks = []
-    with lean_lora(model):
+    with eval_mode(model), lean_lora(model):
         for s in range(0, ids.shape[0], gen_batch):
             rows = torch.arange(s, min(s + gen_batch, ids.shape[0]), device=device)  # [b]
             source = (prompt_ids, prompt_mask, rows // group_size) if share_prefill else (ids, mask, rows)
@@ -309,9 +307,20 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
     completion_ids = torch.where(cmask.bool(), completion_ids, torch.full_like(completion_ids, pad))
     lengths = cmask.sum(-1).long() - has_eos.long()  # [P*G] tokens before the EOS
     texts = tuple(tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion_ids, lengths))
-    model.train(was_training)
     return Rollouts(prompts=prompts, group_size=group_size, completion_ids=completion_ids, completion_mask=cmask,
                     completions=texts, truncated=~has_eos)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode inside, the mode it had after, also after an error: the loop catches an OOM in generation and
+    retries, and a model left in eval mode would train without gradient checkpointing."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *, max_new_tokens: int,
@@ -446,13 +455,16 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     return picked.squeeze(-1)  # [b]
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(hidden, weight, bias).float()  # [c, Tc, V] fp32
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            temperature: float) -> torch.Tensor:
+    """The head's fp32 logits over the temperature, divided in place: still one fp32 block."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [c, Tc, V] fp32
+    return logits.div_(temperature) if temperature != 1.0 else logits  # [c, Tc, V]
 
 
-def _logprob_and_lse(hidden, weight, bias, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits)[target] and logsumexp(logits), holding one fp32 logits block: exp runs in place."""
-    logits = _logits(hidden, weight, bias)  # [c, Tc, V]
+def _logprob_and_lse(hidden, weight, bias, targets, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / T)[target] and logsumexp(logits / T), holding one fp32 block: exp runs in place."""
+    logits = _logits(hidden, weight, bias, temperature)  # [c, Tc, V]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c, Tc]
     top = logits.amax(-1, keepdim=True)  # [c, Tc, 1]
     lse = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # [c, Tc]
@@ -460,31 +472,36 @@ def _logprob_and_lse(hidden, weight, bias, targets) -> tuple[torch.Tensor, torch
 
 
 class _TokenLogprob(torch.autograd.Function):
-    """The log-prob of each target token under the LM head, with a hand-written backward.
+    """The log-prob of each target token under the LM head at temperature T, log softmax(logits / T)[target],
+    with a hand-written backward. Scored at the sampling temperature, these are the log-probs of the distribution
+    the completions were drawn from (as current TRL does).
 
     Autograd through gather - logsumexp keeps 16 B per logit alive in backward (the fp32 logits, logsumexp's
     softmax, and a gradient from each branch before they are summed). Here forward saves only the logsumexp,
     and backward recomputes the logits once and turns them into their gradient in place,
-    d logp / d logits = onehot(target) - softmax(logits): one fp32 block, 4 B per logit (plus a 16-bit copy
-    of it when the head is 16-bit). budget.logprob_bytes counts the same."""
+    d logp / d logits = (onehot(target) - softmax(logits / T)) / T: one fp32 block, 4 B per logit (plus a 16-bit
+    copy of it when the head is 16-bit). budget.logprob_bytes counts the same."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        logp, lse = _logprob_and_lse(hidden, weight, bias, targets)
+    def forward(ctx, hidden, weight, bias, targets, temperature=1.0):
+        logp, lse = _logprob_and_lse(hidden, weight, bias, targets, temperature)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
         return logp  # [c, Tc]
 
     @staticmethod
     def backward(ctx, grad):  # grad: [c, Tc]
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        g = _logits(hidden, weight, bias)  # [c, Tc, V] recomputed
+        g = _logits(hidden, weight, bias, ctx.temperature)  # [c, Tc, V] recomputed, over T
+        if ctx.temperature != 1.0:
+            grad = grad / ctx.temperature  # [c, Tc]: the 1/T of d (logits / T) / d logits, before it spans V
         g.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -grad * softmax
         g.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))  # + grad at the target
         g = g.to(hidden.dtype)
         grad_hidden = g @ weight if ctx.needs_input_grad[0] else None  # [c, Tc, D]
         grad_weight = g.flatten(0, -2).T @ hidden.flatten(0, -2) if ctx.needs_input_grad[1] else None
         grad_bias = g.flatten(0, -2).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _plain_linear(head: torch.nn.Module) -> bool:
@@ -494,15 +511,21 @@ def _plain_linear(head: torch.nn.Module) -> bool:
             and not head._forward_hooks and not head._forward_pre_hooks)
 
 
-def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The general path, for heads that are not a plain Linear: autograd through gather - logsumexp."""
+def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """The general path, for heads that are not a plain Linear: autograd through gather - logsumexp of
+    logits / T. Not in place: a head's last op may keep its output for backward."""
     logits = head(hidden).float()  # [c, Tc, V] fp32
+    if temperature != 1.0:
+        logits = logits / temperature  # [c, Tc, V]
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [c, Tc]
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                        chunk: int) -> torch.Tensor:
-    """Log-prob of each completion token, computing the LM head `chunk` rows at a time.
+                        chunk: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each completion token under softmax(logits / temperature), computing the LM head `chunk` rows
+    at a time. Scored at the sampling temperature, these are the log-probs of the distribution the completions
+    were drawn from (as current TRL does); 1.0 scores the model's own softmax.
 
     Only completion positions go through the LM head, and each chunk's logits are recomputed in backward, so the
     full [B, T, V] fp32 logits never exist: the peak is one [chunk, Tc, V] fp32 block (`_TokenLogprob`).
@@ -517,11 +540,11 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     for s in range(0, input_ids.shape[0], chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
         if plain:  # without grad (the reference pass) only its forward runs and nothing is kept
-            rows.append(_TokenLogprob.apply(h, head.weight, head.bias, t))  # [c, Tc]
+            rows.append(_TokenLogprob.apply(h, head.weight, head.bias, t, temperature))  # [c, Tc]
         elif torch.is_grad_enabled():
-            rows.append(checkpoint(_token_logprobs, head, h, t, use_reentrant=False))  # [c, Tc]
+            rows.append(checkpoint(_token_logprobs, head, h, t, temperature, use_reentrant=False))  # [c, Tc]
         else:
-            rows.append(_token_logprobs(head, h, t))  # [c, Tc]
+            rows.append(_token_logprobs(head, h, t, temperature))  # [c, Tc]
     return torch.cat(rows)  # [B, Tc]
 
 
@@ -632,7 +655,8 @@ def _cache_through_checkpoints(decoder):
 
 
 def reference_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                       chunk: int) -> torch.Tensor:
-    """Log-probs under the reference policy: the same weights with the LoRA adapter switched off."""
+                       chunk: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs under the reference policy: the same weights with the LoRA adapter switched off, scored at the
+    same temperature as the policy's (`completion_logprobs`), so the KL compares like with like."""
     with torch.no_grad(), model.disable_adapter():
-        return completion_logprobs(model, input_ids, attention_mask, n_completion, chunk)  # [B, Tc]
+        return completion_logprobs(model, input_ids, attention_mask, n_completion, chunk, temperature)  # [B, Tc]
