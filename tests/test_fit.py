@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinyrl import loop
+from tinyrl import evaluate, loop, tasks
 from tinyrl.config import Config
 
 METRIC_KEYS = {"step", "reward/total", "correct", "len/mean", "len/min", "len/max", "len/frac_at_cap",
@@ -53,7 +53,7 @@ def test_qlora_fit_runs_end_to_end_on_cpu(tiny_model, tmp_path):
 def test_eval_writes_per_example_rows_with_both_metrics(tiny_model, tmp_path):
     cfg = Config(task="arith", model=tiny_model, max_new_tokens=8, gen_batch=4)
     out = str(tmp_path / "eval.jsonl")
-    result = loop.evaluate(cfg, adapter=None, limit=6, out_path=out)
+    result = evaluate.evaluate(cfg, adapter=None, limit=6, out_path=out)
     assert result["n"] == 6 and set(result) == {"exact_match", "extractive_match", "n"}
     lines = rows(out)
     assert len(lines) == 6 and {"exact_match", "extractive_match", "completion"} <= set(lines[0])
@@ -69,9 +69,9 @@ def test_eval_scores_a_known_completion():
 
 def test_examples_for_step_is_a_seeded_permutation_per_epoch():
     data = list(range(10))
-    picked = [x for step in range(5) for x in loop.examples_for_step(data, step, 2, seed=3)]
+    picked = [x for step in range(5) for x in tasks.examples_for_step(data, step, 2, seed=3)]
     assert sorted(picked) == data  # one epoch covers every example once
-    assert loop.examples_for_step(data, 7, 2, seed=3) == loop.examples_for_step(data, 7, 2, seed=3)
+    assert tasks.examples_for_step(data, 7, 2, seed=3) == tasks.examples_for_step(data, 7, 2, seed=3)
     assert torch.tensor(picked).tolist() != data  # shuffled
 
 
@@ -104,11 +104,11 @@ def test_oom_backoff_halves_and_continues_the_same_step(tiny_model, tmp_path, mo
     real_train, real_generate = loop.train_step, loop.policy.generate
     calls = {"train": [], "generate": []}
 
-    def train_step(model, optimizer, batch, cfg, device):
+    def train_step(model, optimizer, batch, cfg, device, scaler):
         calls["train"].append(cfg.micro_batch)
         if cfg.micro_batch > 2:
             raise torch.OutOfMemoryError("simulated")
-        return real_train(model, optimizer, batch, cfg, device)
+        return real_train(model, optimizer, batch, cfg, device, scaler)
 
     def generate(*args, **kw):
         calls["generate"].append(kw["gen_batch"])

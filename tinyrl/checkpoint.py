@@ -1,27 +1,66 @@
-"""Checkpoints: adapter, optimizer, scheduler, RNG, data position and memory, written atomically; and read back.
+"""Checkpoints: adapter, optimizer, RNG, loop state (step, OOM back-off, loss scale) and memory, written
+atomically; read back, falling back to an earlier one when the newest is damaged; pruned to the newest N.
 
 Layout: RUN/checkpoints/step-000010/ and RUN/checkpoints/latest (a text file naming the newest complete one).
 A checkpoint folder is built under a temp name and renamed into place, then `latest` is replaced: a crash at any
-point leaves the previous checkpoint intact. Nothing is unpickled: tensors come back through safetensors or
-torch.load(weights_only=True), the rest is JSON.
+point leaves the previous checkpoint intact. state.json holds a manifest (size and CRC-32 of every file; the
+memory checks its own), so a truncated or corrupt file is found before anything is restored. Nothing is
+unpickled: tensors come back through safetensors or torch.load(weights_only=True), the rest is JSON.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import signal
 import tempfile
+import zlib
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tinyrl import config as config_mod
+from tinyrl.config import Config
 from tinyrl.errors import UserError
 
 LATEST = "latest"
 CRASH_ENV = "TINYRL_CRASH_AT"  # tests only: SIGKILL this process at a named point, e.g. "before-latest:4"
+
+
+def prepare_run(cfg: Config, resume: bool, total: int) -> tuple[str, list[str]]:
+    """Create the run folder and save the config; returns (run, settings --resume changed).
+
+    A folder whose saved config equals cfg is resumed (rerunning the same command continues it); with --resume,
+    config.RESUMABLE settings may differ (said in one line; the lr schedule follows the new total); any other
+    difference is an error, so no run is overwritten by accident.
+    """
+    run = cfg.out
+    os.makedirs(run, exist_ok=True)
+    saved_path = os.path.join(run, "config.json")
+    changes = []
+    if os.path.exists(saved_path):
+        saved = config_mod.load(saved_path)
+        if saved != cfg and not resume:
+            diff = [f"{k}={getattr(saved, k)!r}" for k in config_mod.FIELDS if getattr(saved, k) != getattr(cfg, k)]
+            raise UserError(f"{run} holds a run with other settings ({', '.join(diff[:4])}); rerun it with those, "
+                            "pass --resume to continue it (steps, cadences and deadline may change), or choose "
+                            "another --out")
+        changes = config_mod.resume_changes(saved, cfg, run)
+    elif latest_name(run):
+        raise UserError(f"{run} has checkpoints but no config.json; choose another --out")
+    done = max(steps(run), default=0)
+    if total < done:
+        raise UserError(f"{run} has a checkpoint at step {done}, past --steps {total}; pass --steps {done} or more")
+    config_mod.save(cfg, saved_path)
+    if not done:
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a run that died before its first checkpoint
+            if os.path.exists(os.path.join(run, name)):
+                os.unlink(os.path.join(run, name))
+    return run, changes
 
 
 def check_writable(run: str) -> None:
@@ -73,22 +112,47 @@ def set_rng_state(states: dict[str, torch.Tensor], python_state: list) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save(run: str, step: int, model, optimizer, scheduler, state: dict, memory=None) -> str:
-    """Write checkpoint `step` atomically and point `latest` at it. Returns its folder."""
+def save(run: str, step: int, model, optimizer, state: dict, memory=None, keep: int = 0) -> str:
+    """Write checkpoint `step` atomically, point `latest` at it, then keep the newest `keep` (0: all). Returns its
+    folder. A full disk is one UserError; the previous checkpoint stays as it was."""
     root = folder(run)
     os.makedirs(root, exist_ok=True)
     for stale in os.listdir(root):  # temp folders of a save that was killed
         if stale.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     name = f"step-{step:06d}"
+    try:
+        final = _write(root, name, step, model, optimizer, state, memory)
+        _crash_point(f"before-latest:{step}")
+        pointer_tmp = os.path.join(root, f".{LATEST}.tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, os.path.join(root, LATEST))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        previous = latest_name(run)
+        raise UserError(f"disk full while saving checkpoint {name} in {root}; free some space (or --set "
+                        f"keep_checkpoints=1) and rerun the same command to resume from "
+                        f"{previous or 'the start'}") from None
+    prune(run, step, keep)
+    return final
+
+
+def _write(root: str, name: str, step: int, model, optimizer, state: dict, memory) -> str:
+    """Build the checkpoint in a temp folder, with a manifest of its files' sizes and CRC-32, and rename it in."""
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
         model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
         if memory is not None:
-            memory.save(os.path.join(tmp, "memory"))
-        full = {"step": step, "scheduler": scheduler.state_dict(), "python_rng": list(random.getstate()), **state}
+            memory.save(os.path.join(tmp, "memory"))  # it checks its own files
+        files = {f: _file_info(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))
+                 if os.path.isfile(os.path.join(tmp, f))}
+        full = {"step": step, "python_rng": list(random.getstate()), "files": files, **state}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(full, f)
         _fsync_tree(tmp)
@@ -100,38 +164,95 @@ def save(run: str, step: int, model, optimizer, scheduler, state: dict, memory=N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _crash_point(f"before-latest:{step}")
-    pointer_tmp = os.path.join(root, f".{LATEST}.tmp")
-    with open(pointer_tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, os.path.join(root, LATEST))
     return final
 
 
-def load(path: str, model, optimizer, scheduler, memory=None) -> dict:
-    """Restore everything `save` wrote into the live objects; returns the JSON state (step, data position...)."""
+def prune(run: str, step: int, keep: int) -> None:
+    """After checkpoint `step` is complete and named by `latest`: delete checkpoints of later steps (left by a run
+    that resumed from an earlier one) and, with keep > 0, all but the newest `keep` up to `step`."""
+    present = sorted(steps(run))
+    older = [s for s in present if s <= step]
+    doomed = [s for s in present if s > step] + (older[:-keep] if keep else [])
+    for s in doomed:
+        shutil.rmtree(os.path.join(folder(run), f"step-{s:06d}"), ignore_errors=True)
+
+
+def steps(run: str) -> list[int]:
+    """Steps of the checkpoint folders present (complete or not)."""
+    if not os.path.isdir(folder(run)):
+        return []
+    return [int(d[5:]) for d in os.listdir(folder(run)) if d.startswith("step-") and d[5:].isdigit()]
+
+
+def latest_name(run: str) -> str | None:
+    """The checkpoint `latest` names, or None."""
+    try:
+        with open(os.path.join(folder(run), LATEST)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def resume(run: str, model, optimizer, memory=None, warn=print) -> dict | None:
+    """Restore the newest usable checkpoint of `run` into the live objects; its state (step, ...) or None when the
+    run has no checkpoint. The one `latest` names comes first; if it is missing, truncated or corrupt, the next
+    newest is tried, with a one-line warning; UserError if none can be read."""
+    names = [f"step-{s:06d}" for s in sorted(steps(run), reverse=True)]
+    pointed = latest_name(run)
+    if pointed in names:
+        names.remove(pointed)
+    if pointed:
+        names.insert(0, pointed)
+    problems = []
+    for name in names:
+        try:
+            state = load(os.path.join(folder(run), name), model, optimizer, memory)
+        except UserError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        if problems:
+            warn(f"warning: {'; '.join(problems)}; resuming from {name}")
+        return state
+    if problems:
+        raise UserError(f"{run}: no usable checkpoint ({'; '.join(problems)}); delete {folder(run)} to start over, "
+                        "or choose another --out")
+    return None
+
+
+def load(path: str, model, optimizer, memory=None) -> dict:
+    """Restore everything `save` wrote into the live objects; returns the JSON state (step, data position...).
+    Every file is checked (sizes and CRC-32 against the manifest, then parsed) before anything is applied."""
     from peft import set_peft_model_state_dict
 
     try:
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
+        for name, info in state.get("files", {}).items():
+            if _file_info(os.path.join(path, name)) != info:
+                raise ValueError(f"{name} does not match its size and checksum")
         weights = load_file(os.path.join(path, "adapter_model.safetensors"))
         optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
         rng = load_file(os.path.join(path, "rng.safetensors"))
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}); remove it and its "
-                        "'latest' entry to resume from an earlier one") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise UserError(f"unreadable ({reason})") from None
+    if memory is not None:
+        memory.load(os.path.join(path, "memory"))  # UserError if damaged; nothing changed then
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"checkpoint {path} does not match this model (unexpected {result.unexpected_keys[:2]})")
     optimizer.load_state_dict(optim)
-    scheduler.load_state_dict(state["scheduler"])
-    if memory is not None:
-        memory.load(os.path.join(path, "memory"))
     set_rng_state(rng, state["python_rng"])
     return state
+
+
+def _file_info(path: str) -> list[int]:
+    """[size, CRC-32] of a file."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return [os.path.getsize(path), crc]
 
 
 def _fsync_tree(path: str) -> None:

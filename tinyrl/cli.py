@@ -13,7 +13,7 @@ import typer
 
 from tinyrl import config as config_mod
 from tinyrl.config import Config
-from tinyrl.errors import UserError
+from tinyrl.errors import Stopped, UserError
 
 EXAMPLES = """
 Examples:
@@ -21,7 +21,7 @@ Examples:
   tinyrl fit arith --model smollm2-135m --steps 20 --out runs/demo     # offline, CPU, minutes
   tinyrl fit gsm8k --vram 8G                                          # Qwen2.5-0.5B, QLoRA, fits an 8 GB card
   tinyrl fit gsm8k --data ../shared/data/gsm8k --method memory-r+ --set group_size=8
-  tinyrl fit gsm8k --out runs/demo --resume                           # continue after a crash
+  tinyrl fit gsm8k --out runs/demo --resume --steps 900               # continue, and train longer
   tinyrl eval gsm8k --model smollm2-135m --data ../shared/data/gsm8k --limit 50
   tinyrl plan gsm8k --vram 8G --model Qwen/Qwen2.5-0.5B-Instruct
 """
@@ -51,9 +51,8 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         set_: List[str] = typer.Option([], "--set", help=SET_HELP),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved settings."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress output.")):
-    """Train a policy with GRPO (+ Memory-R+) and checkpoint it; rerunning the same command resumes."""
-    from tinyrl import loop
-
+    """Train a policy with GRPO (+ Memory-R+) and checkpoint it; rerunning the same command resumes.
+    SIGINT/SIGTERM stop it at the next step with a checkpoint (a second one at once)."""
     flags = {"task": task, "model": model, "method": method, "steps": steps, "out": out, "vram": vram,
              "data": data, "seed": seed}
     base = Config()
@@ -65,7 +64,12 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         base = config_mod.load(saved)
         flags = {k: v for k, v in flags.items() if k != "task" or v != base.task}
     pins = frozenset(k for k, v in flags.items() if v is not None) | set_keys(set_)
-    loop.fit(build_config(base, flags, set_), quiet=quiet, pins=pins)
+    cfg = build_config(base, flags, set_)
+    if cfg.deterministic:  # before torch loads: MKL and cuBLAS read these once
+        os.environ.update(config_mod.DETERMINISTIC_ENV)
+    from tinyrl import loop
+
+    loop.fit(cfg, quiet=quiet, pins=pins, resume=resume)
 
 
 @app.command("eval", epilog=EXAMPLES)
@@ -78,7 +82,7 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
                                                          "folder, else in the current folder)."),
           set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
     """Greedy evaluation: exact match on the <answer> tag and numeric extractive match."""
-    from tinyrl import checkpoint, loop
+    from tinyrl import checkpoint, evaluate
 
     base = Config()
     adapter_dir, results_dir = None, "."
@@ -96,7 +100,7 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
         raise UserError(f"--limit must be at least 1 (got {limit})")
     cfg = build_config(base, {"task": task, "model": model, "data": data}, set_)
     out_path = out or os.path.join(results_dir, f"eval-{task}.jsonl")
-    result = loop.evaluate(cfg, adapter_dir, limit, out_path)
+    result = evaluate.evaluate(cfg, adapter_dir, limit, out_path)
     print(f"eval {task}: exact_match {result['exact_match']:.4f}  extractive_match {result['extractive_match']:.4f}"
           f"  n={result['n']}  (per-example: {out_path})")
 
@@ -190,6 +194,9 @@ def main() -> None:
     except UserError as err:
         print(f"tinyrl: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        print(f"tinyrl: {stop}", file=sys.stderr)
+        sys.exit(stop.code)
     except KeyboardInterrupt:
         print("tinyrl: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)

@@ -74,6 +74,12 @@ class Config:
     """Gradient-norm clip."""
     kl_beta: float = 0.04
     """Weight of the k3 KL penalty against the adapter-disabled reference model (0 skips the reference pass)."""
+    score_at_temperature: bool = True
+    """Training and reference log-probs are those of softmax(logits / temperature), the distribution the completions
+    were drawn from (as current TRL does); false scores softmax(logits), as the paper's code (TRL 0.14) did."""
+    max_skipped_steps: int = 10
+    """Stop after this many steps in a row whose loss or gradient was not finite (each one is skipped: nothing
+    applied); the last checkpoint stays."""
 
     # --- policy -------------------------------------------------------------------------------
     quant: str = "auto"
@@ -90,6 +96,9 @@ class Config:
     """`auto` (CUDA if available), `cpu`, or `cuda`."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    deterministic: bool = False
+    """Bitwise-repeatable runs: CPU BLAS in MKL's reproducible mode (MKL_CBWR=COMPATIBLE), torch's deterministic
+    algorithms and, on CUDA, a fixed cuBLAS workspace; the CLI sets them before torch loads. Costs speed (docs/design.md)."""
 
     # --- prompts and rewards ------------------------------------------------------------------
     few_shot: int = 0
@@ -122,7 +131,12 @@ class Config:
 
     # --- logging, checkpoints, eval -----------------------------------------------------------
     save_every: int = 100
-    """Checkpoint every N steps (and always at the end)."""
+    """Checkpoint every N steps (and always at the end, and when stopped by a signal or max_minutes)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept, newest first; an older one is deleted only once a newer one is complete. 0 keeps all."""
+    max_minutes: float = 0.0
+    """Stop cleanly with a checkpoint before this many minutes since fit started (0 = no limit), judged from measured
+    step times: set it below a notebook session's limit and rerun the same command to resume."""
     sample_every: int = 10
     """Write sample completions to samples.jsonl every N steps."""
     eval_every: int = 0
@@ -134,6 +148,12 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+DETERMINISTIC_ENV = {"MKL_CBWR": "COMPATIBLE", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+"""What deterministic=true needs in the environment before torch loads: MKL's reproducible code path on CPU (the
+same results whatever the memory alignment and thread split), and a fixed cuBLAS workspace on CUDA."""
+RESUMABLE = ("steps", "save_every", "sample_every", "eval_every", "eval_limit", "keep_checkpoints", "max_minutes",
+             "max_skipped_steps", "threads", "deterministic")
+"""What `fit --resume` may change: how long a run goes on and how often it saves and reports, not what it learns."""
 
 
 @lru_cache(maxsize=1)
@@ -202,8 +222,10 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.group_size < 2:
         raise UserError(f"group_size must be at least 2 for group-normalised advantages (got {cfg.group_size})")
-    if cfg.steps < 0 or cfg.min_new_tokens < 0 or cfg.eval_every < 0 or cfg.threads < 0:
-        raise UserError("steps, min_new_tokens, eval_every and threads must be 0 or more")
+    if min(cfg.steps, cfg.min_new_tokens, cfg.eval_every, cfg.threads, cfg.keep_checkpoints, cfg.max_minutes) < 0:
+        raise UserError("steps, min_new_tokens, eval_every, threads, keep_checkpoints and max_minutes must be 0 or more")
+    if cfg.max_skipped_steps < 1:
+        raise UserError(f"max_skipped_steps must be at least 1 (got {cfg.max_skipped_steps})")
     if cfg.min_new_tokens > cfg.max_new_tokens:
         raise UserError(f"min_new_tokens ({cfg.min_new_tokens}) exceeds max_new_tokens ({cfg.max_new_tokens})")
     if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
@@ -218,6 +240,20 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     return cfg
+
+
+def resume_changes(saved: Config, new: Config, run: str) -> list[str]:
+    """The settings `fit --resume` changes, as 'name old -> new'; UserError naming those that cannot change mid-run.
+
+    >>> resume_changes(Config(steps=8), Config(steps=12), "runs/a")
+    ['steps 8 -> 12']
+    """
+    changed = [k for k in FIELDS if getattr(saved, k) != getattr(new, k)]
+    refused = [f"{k}={getattr(saved, k)!r} (asked {getattr(new, k)!r})" for k in changed if k not in RESUMABLE]
+    if refused:
+        raise UserError(f"--resume: {run} was trained with {', '.join(refused[:4])}, which cannot change mid-run; "
+                        f"only {', '.join(RESUMABLE)} can. Drop the others, or start a new --out")
+    return [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in changed]
 
 
 def save(cfg: Config, path: str) -> None:

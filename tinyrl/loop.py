@@ -13,26 +13,30 @@ same weights with the adapter disabled; completion log-probs are computed row-ch
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import random
 import time
 import types
+from typing import Any
 
 import torch
 
 import numpy as np
 
-from tinyrl import budget, checkpoint, encoder, grpo, memory, meter, policy, prompts, rewards, tasks
+from tinyrl import (budget, checkpoint, encoder, evaluate, faults, grpo, memory, meter, policy, prompts, rewards,
+                    tasks)
 from tinyrl import config as config_mod
 from tinyrl.config import Config
-from tinyrl.errors import UserError
-from tinyrl.types import Example, Rollouts, Scored, TrainBatch
+from tinyrl.errors import Stopped, UserError
+from tinyrl.types import Example, Rollouts, Scored, StepResult, TrainBatch
 
 
-def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) -> str:
-    """Train (or resume) the run in cfg.out; returns the run folder. `pins`: settings the user set by hand,
-    which the --vram planner keeps."""
+def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), resume: bool = False) -> str:
+    """Train (or resume) the run in cfg.out; returns the run folder. `pins`: settings the user set by hand, which
+    the --vram planner keeps. `resume`: --resume was given, so config.RESUMABLE settings may differ from the run's.
+    A signal stops it at a step boundary with a checkpoint (errors.Stopped); `max_minutes` likewise, returning."""
+    begun = time.perf_counter()
     checkpoint.check_writable(cfg.out)
     planned = None
     if cfg.vram:  # the planner picks every memory setting before any weight loads
@@ -42,120 +46,158 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset()) ->
             print(budget.format_plan(planned), flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, None)
-    held_out = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, cfg.eval_limit) if cfg.eval_every else []
-    total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
-
-    random.seed(cfg.seed)
-    model, tokenizer, device = policy.load_policy(
-        cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
-    if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
-        cap_cuda_memory(budget.parse_bytes(cfg.vram), budget.CUDA_CONTEXT_BYTES, device)
-        outside = meter.cuda_outside_torch(device)
-        if outside > budget.CUDA_CONTEXT_BYTES and not quiet:
-            print(f"note: {meter.human_bytes(outside)} of this GPU is in use outside torch (other processes?); "
-                  f"--vram {cfg.vram} budgets this run only", flush=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.lr_factor(total, cfg.warmup_ratio))
-    enc, mem = memory_setup(cfg, device)  # Memory-R+: the sentence encoder and both episodic memories
-    run, resume_from = prepare_run(cfg)  # only now, so a bad task or model leaves no run folder behind
-
-    start = 0
-    torch.manual_seed(cfg.seed)
-    if resume_from:
-        start = checkpoint.load(resume_from, model, optimizer, scheduler, mem)["step"]
-        for name in ("metrics.jsonl", "samples.jsonl"):
+    with faults.RunLock(cfg.out) as lock, faults.StopRequests() as stops, faults.deterministic(cfg.deterministic):
+        train = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, None)
+        held_out = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, cfg.eval_limit) if cfg.eval_every else []
+        total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
+        random.seed(cfg.seed)
+        parts = load_parts(cfg, planned, quiet)
+        run, changes = checkpoint.prepare_run(cfg, resume, total)  # only now: a bad task or model leaves no run folder
+        lock.acquire()
+        torch.manual_seed(cfg.seed)
+        state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=print)
+        start, cfg = restore(state, cfg, parts.scaler)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint run again
             meter.truncate_jsonl(os.path.join(run, name), start)
-    log = meter.Meter(run, total, start, quiet=quiet)
-    log.echo(f"{'resuming' if resume_from else 'starting'} {run}: {cfg.task} with {cfg.model}, method "
-             f"{cfg.method}, step {start}/{total}, P={cfg.prompts_per_step} G={cfg.group_size} on {device}")
-    model.train()
-    try:
-        for step in range(start, total):
-            timings: dict[str, float] = {}
-            peaks: dict[str, int] = {}
-            started = time.perf_counter()
-            batch = examples_for_step(train, step, cfg.prompts_per_step, cfg.seed)
-            rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
-                                      seed=cfg.seed, system_prompt=system_prompt(cfg.task))
-            with meter.phase(timings, peaks, "generate", device):
-                rollouts, cfg = with_oom_backoff(lambda c: policy.generate(
-                    model, tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
-                    gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
-                    min_new_tokens=c.min_new_tokens), cfg, "gen_batch", log)
-            with meter.phase(timings, peaks, "score", device):
-                scored = score(cfg, rollouts)
-            memory_stats = {}
-            if mem is not None:
-                with meter.phase(timings, peaks, "memory", device):
-                    scored, memory_stats = remember(enc, mem, rollouts, scored)
-            adv = grpo.advantages(scored.total, cfg.group_size)  # [P*G]
-            with meter.phase(timings, peaks, "train", device):
-                lr = scheduler.get_last_lr()[0]
-                batch = grpo.train_batch(rollouts, adv)
-                (loss, kl, grad_norm), cfg = with_oom_backoff(
-                    lambda c: train_step(model, optimizer, batch, c, device), cfg, "micro_batch", log)
-                scheduler.step()
-            timings["step"] = time.perf_counter() - started
-            if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
-                peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
-            metrics = step_metrics(step + 1, rollouts, scored, cfg, loss=loss, kl=kl, grad_norm=grad_norm,
-                                   lr=lr, timings=timings, peaks=peaks)
-            metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
-                            "oom/micro_batch": cfg.micro_batch})
-            if planned:
-                metrics.update({"plan/generate": planned.breakdown.fixed + planned.breakdown.generation,
-                                "plan/train": planned.breakdown.fixed + planned.breakdown.training,
-                                "plan/device": planned.breakdown.peak})
-            if memory_stats:
-                metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # one completion per prompt: as many
-                # prompts per generate call as a training batch prefills, so eval stays inside the plan
-                batch_size = budget.prefill_rows(cfg.gen_batch, cfg.group_size)
-                metrics.update({f"eval/{k}": v for k, v in run_eval(model, tokenizer, held_out, cfg,
-                                                                     batch_size=batch_size).items()})
-            log.log(metrics)
-            if (step + 1) % cfg.sample_every == 0 or step == start:
-                log.samples(step + 1, sample_rows(rollouts, scored, n=4))
-            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                checkpoint.save(run, step + 1, model, optimizer, scheduler, {"total": total}, mem)
-    finally:
-        log.close()
+        log = meter.Meter(run, total, start, quiet=quiet)
+        log.oom_backoffs = state["oom"]["backoffs"] if state and "oom" in state else 0
+        log.echo(f"{'resuming' if state else 'starting'} {run}: {cfg.task} with {cfg.model}, method {cfg.method}, "
+                 f"step {start}/{total}, P={cfg.prompts_per_step} G={cfg.group_size} on {parts.device}"
+                 + (f" (changed: {', '.join(changes)})" if changes else ""))
+        saved, step_times, save_s, skipped = start, [], 0.0, 0
+        try:
+            for step in range(start, total):
+                if stops.signal or faults.past_deadline(time.perf_counter() - begun, step_times, save_s,
+                                                        60 * cfg.max_minutes):
+                    note = "" if saved == step else f"; checkpoint {save(run, step, parts, cfg, total, log)} saved"
+                    why = stops.signal or f"max_minutes={cfg.max_minutes:g} (the next step would end past it)"
+                    message = f"stopped at step {step}/{total} by {why}{note}; rerun the same command to resume"
+                    if stops.signal:
+                        raise Stopped(message, stops.code)
+                    log.echo(message)
+                    break
+                metrics, cfg = take_step(parts, cfg, train, step, log)
+                step_times.append(metrics["time/step"])
+                if planned:
+                    metrics.update({"plan/generate": planned.breakdown.fixed + planned.breakdown.generation,
+                                    "plan/train": planned.breakdown.fixed + planned.breakdown.training,
+                                    "plan/device": planned.breakdown.peak})
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # one completion per prompt: as many
+                    # prompts per generate call as a training batch prefills, so eval stays inside the plan
+                    batch_size = budget.prefill_rows(cfg.gen_batch, cfg.group_size)
+                    metrics.update({f"eval/{k}": v for k, v in evaluate.run_eval(
+                        parts.model, parts.tokenizer, held_out, cfg, batch_size=batch_size).items()})
+                    step_times[-1] = time.perf_counter() - begun - sum(step_times[:-1])  # eval counts too
+                log.log(metrics)
+                skipped = skipped + 1 if metrics["amp/skipped"] else 0
+                if skipped >= cfg.max_skipped_steps:
+                    raise UserError(faults.nonfinite_message(skipped, metrics, cfg, checkpoint.latest_name(run)))
+                if (step + 1) % cfg.sample_every == 0 or step == 0:
+                    log.samples(step + 1, log.pending_samples)
+                if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                    began = time.perf_counter()
+                    save(run, step + 1, parts, cfg, total, log)
+                    saved, save_s = step + 1, time.perf_counter() - began
+        finally:
+            log.close()
     log.echo(meter.report(run))
     return run
 
 
-def prepare_run(cfg: Config) -> tuple[str, str | None]:
-    """Create the run folder and save the config; returns (run, checkpoint to resume from or None).
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What fit loads once and every step uses."""
 
-    A folder whose saved config equals cfg and that holds a checkpoint is resumed (rerunning the same command
-    continues it); a different config in an existing run folder is an error, so no run is overwritten by accident.
-    """
-    run = cfg.out
-    os.makedirs(run, exist_ok=True)
-    saved_path = os.path.join(run, "config.json")
-    resume_from = checkpoint.latest(run)
-    if os.path.exists(saved_path):
-        saved = config_mod.load(saved_path)
-        if saved != cfg:
-            diff = [f"{k}={getattr(saved, k)!r}" for k in config_mod.FIELDS if getattr(saved, k) != getattr(cfg, k)]
-            raise UserError(f"{run} holds a run with other settings ({', '.join(diff[:4])}); pass --resume to "
-                            "continue it with its saved settings, or choose another --out")
-    elif resume_from:
-        raise UserError(f"{run} has checkpoints but no config.json; choose another --out")
-    config_mod.save(cfg, saved_path)
-    if not resume_from:
-        for name in ("metrics.jsonl", "samples.jsonl"):  # a run that died before its first checkpoint
-            if os.path.exists(os.path.join(run, name)):
-                os.unlink(os.path.join(run, name))
-    return run, resume_from
+    model: Any  # peft model: LoRA (or QLoRA) adapter on the base
+    tokenizer: Any
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # dynamic loss scaling, for fp16 compute only
+    encoder: Any  # sentence encoder for the memory methods, else None
+    memory: memory.MemoryState | None
 
 
-def system_prompt(task: str) -> str:
-    return prompts.TOY_SYSTEM_PROMPT if tasks.reward_kind(task) == "toy" else prompts.SYSTEM_PROMPT
+def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
+    """The policy (capped to the --vram budget on CUDA), its optimizer and loss scaler, and the memories."""
+    model, tokenizer, device = policy.load_policy(
+        cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
+    if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
+        meter.cap_cuda_memory(budget.parse_bytes(cfg.vram), budget.CUDA_CONTEXT_BYTES, device)
+        outside = meter.cuda_outside_torch(device)
+        if outside > budget.CUDA_CONTEXT_BYTES and not quiet:
+            print(f"note: {meter.human_bytes(outside)} of this GPU is in use outside torch (other processes?); "
+                  f"--vram {cfg.vram} budgets this run only", flush=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA weights: fp32 whatever the compute dtype
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    fp16 = policy.causal_lm(model).dtype == torch.float16  # fp16 gradients underflow without a loss scale
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    enc, mem = memory_setup(cfg, device)  # Memory-R+: the sentence encoder and both episodic memories
+    return Parts(model, tokenizer, device, optimizer, scaler, enc, mem)
+
+
+def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -> tuple[dict, Config]:
+    """One optimizer step: sample, score, remember, advantages, GRPO update. Returns its metrics and the config
+    (an out-of-memory back-off may have lowered gen_batch or micro_batch); leaves its sample rows on the meter."""
+    timings: dict[str, float] = {}
+    peaks: dict[str, int] = {}
+    started = time.perf_counter()
+    model, device = parts.model, parts.device
+    batch = tasks.examples_for_step(train, step, cfg.prompts_per_step, cfg.seed)
+    rendered = prompts.render(batch, parts.tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
+                              seed=cfg.seed, system_prompt=evaluate.system_prompt(cfg.task))
+    with meter.phase(timings, peaks, "generate", device):
+        rollouts, cfg = with_oom_backoff(lambda c: policy.generate(
+            model, parts.tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
+            gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
+            min_new_tokens=c.min_new_tokens), cfg, "gen_batch", log)
+    with meter.phase(timings, peaks, "score", device):
+        scored = score(cfg, rollouts)
+    memory_stats = {}
+    if parts.memory is not None:
+        with meter.phase(timings, peaks, "memory", device):
+            scored, memory_stats = remember(parts.encoder, parts.memory, rollouts, scored)
+    adv = grpo.advantages(scored.total, cfg.group_size)  # [P*G]
+    with meter.phase(timings, peaks, "train", device):
+        lr = grpo.lr_at(step, log.total, cfg.lr, cfg.warmup_ratio)  # a function of the step: resume-safe
+        for group in parts.optimizer.param_groups:
+            group["lr"] = lr
+        batch = grpo.train_batch(rollouts, adv)
+        result, cfg = with_oom_backoff(
+            lambda c: train_step(model, parts.optimizer, batch, c, device, parts.scaler), cfg, "micro_batch", log)
+    timings["step"] = time.perf_counter() - started
+    if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
+        peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
+    metrics = meter.step_metrics(step + 1, rollouts, scored, result, lr=lr, timings=timings, peaks=peaks)
+    metrics.update({"amp/scale": parts.scaler.get_scale() if parts.scaler else 1.0,
+                    "oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
+                    "oom/micro_batch": cfg.micro_batch})
+    if memory_stats:
+        metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
+    log.pending_samples = meter.sample_rows(rollouts, scored, n=4)
+    return metrics, cfg
+
+
+def save(run: str, step: int, parts: Parts, cfg: Config, total: int, log) -> str:
+    """Checkpoint `step` with the loop's own state: the OOM back-off's settings and count, and the loss scale."""
+    state = {"total": total, "oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch,
+                                     "logprob_chunk": cfg.logprob_chunk, "backoffs": log.oom_backoffs}}
+    if parts.scaler:
+        state["scaler"] = parts.scaler.state_dict()
+    path = checkpoint.save(run, step, parts.model, parts.optimizer, state, parts.memory, keep=cfg.keep_checkpoints)
+    return os.path.basename(path)
+
+
+def restore(state: dict | None, cfg: Config, scaler) -> tuple[int, Config]:
+    """After checkpoint.resume: the step to continue from and the config as the OOM back-off had left it (so the
+    batches split as they would have); the loss scale put back. (0, cfg) for a fresh run."""
+    if state is None:
+        return 0, cfg
+    if scaler and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    knobs = {k: v for k, v in state.get("oom", {}).items() if k != "backoffs"}
+    return state["step"], dataclasses.replace(cfg, **knobs)
 
 
 def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
@@ -172,7 +214,7 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
         sample = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, 64)
         tokenizer = policy.load_tokenizer(policy.resolve_model(cfg.model))
         rendered = prompts.render(sample, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
-                                  seed=cfg.seed, system_prompt=system_prompt(cfg.task))
+                                  seed=cfg.seed, system_prompt=evaluate.system_prompt(cfg.task))
         lengths = rendered.attention_mask.sum(-1).tolist()
     except (UserError, OSError, ValueError):
         pass  # no data or tokenizer offline: plan for full-length prompts, the safe side
@@ -181,28 +223,6 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
     encoder_bytes = budget.ENCODER_BYTES if cfg.method.startswith("memory") else 0
     return budget.plan(geometry, budget.parse_bytes(cfg.vram), lengths, caps, knobs, base=base,
                        encoder_bytes=encoder_bytes)
-
-
-def cap_cuda_memory(vram_bytes: int, context: int, device) -> None:
-    """Cap torch's allocator so that it plus what lives outside it (the CUDA context) stays within vram_bytes:
-    on a bigger card the run then backs off or fails where the smaller card would. Near the cap the allocator
-    returns cached blocks to the driver before it fails, which costs speed, not correctness."""
-    index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
-    total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (vram_bytes - context) / total)), index)
-
-
-def examples_for_step(data: list[Example], step: int, per_step: int, seed: int) -> list[Example]:
-    """The P examples of a step: a fresh seeded shuffle each epoch, so the data position is just the step."""
-    orders: dict[int, list[int]] = {}  # epoch -> its permutation (a step spans at most two epochs)
-    out = []
-    for i in range(step * per_step, (step + 1) * per_step):
-        epoch, pos = divmod(i, len(data))
-        if epoch not in orders:
-            orders[epoch] = list(range(len(data)))
-            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
-        out.append(data[orders[epoch][pos]])
-    return out
 
 
 def score(cfg: Config, rollouts: Rollouts) -> Scored:
@@ -286,14 +306,17 @@ def with_oom_backoff(run, cfg: Config, knob: str, log):
             cfg = smaller
 
 
-def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device) -> tuple[float, float, float]:
+def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None) -> StepResult:
     """Loss and backward over micro-batches (gradient accumulation), then clip and step.
 
-    Each micro-batch is trimmed to its own longest prompt and completion, so padding costs nothing.
-    Returns (loss, mean KL per completion, grad norm before clipping).
+    Each micro-batch is trimmed to its own longest prompt and completion, so padding costs nothing. Log-probs are
+    taken at the sampling temperature (score_at_temperature). With fp16 compute, `scaler` scales the loss before
+    backward and unscales the gradients before clipping. A non-finite loss or gradient norm skips the optimizer
+    step; the scaler then lowers its scale.
     """
     n = batch.input_ids.shape[0]
     total_loss, kls = 0.0, []
+    temperature = cfg.temperature if cfg.score_at_temperature else 1.0
     # backward sets the peak: in fp32 on CPU, handing the forward's freed heap back first lowers peak RSS by
     # ~150 MB at no measured cost (in bf16 it lowered nothing; docs/memory.md)
     trim = device.type == "cpu" and policy.causal_lm(model).dtype == torch.float32
@@ -307,91 +330,25 @@ def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device) -> tupl
         ids, attn = ids[:, first:tp + tc].to(device), attn[:, first:tp + tc].to(device)  # [b, T']
         cmask = cmask[:, :tc].to(device)  # [b, tc]
         adv = batch.advantages[s:s + cfg.micro_batch].to(device)  # [b]
-        ref = policy.reference_logprobs(model, ids, attn, tc, cfg.logprob_chunk) if cfg.kl_beta else None
-        logp = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk)  # [b, tc]
+        ref = (policy.reference_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)
+               if cfg.kl_beta else None)
+        logp = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)  # [b, tc]
         loss, kl = grpo.loss(logp, ref, adv, cmask, cfg.kl_beta, n)
         if trim:
             meter.release_freed()
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss.item()
         kls.append(kl.cpu())
+    if scaler:
+        scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
-    return total_loss, torch.cat(kls).mean().item(), float(grad_norm)
-
-
-def step_metrics(step: int, rollouts: Rollouts, scored: Scored, cfg: Config, *, loss: float, kl: float,
-                 grad_norm: float, lr: float, timings: dict, peaks: dict) -> dict:
-    """Every key is defined in docs/metrics.md."""
-    lengths = rollouts.completion_mask.sum(-1)  # [P*G] tokens incl. EOS
-    grouped = scored.total.view(-1, rollouts.group_size)  # [P, G]
-    metrics = {"step": step, "reward/total": scored.total.mean().item()}
-    metrics.update({f"reward/{k}": v.mean().item() for k, v in scored.components.items()})
-    metrics.update({
-        "correct": scored.correct.float().mean().item(),
-        "len/mean": lengths.mean().item(), "len/min": lengths.min().item(), "len/max": lengths.max().item(),
-        "len/frac_at_cap": rollouts.truncated.float().mean().item(),
-        "len/frac_short": (lengths < 16).float().mean().item(),
-        "groups/frac_zero_var": (grouped.std(-1) < 1e-6).float().mean().item(),
-        "loss": loss, "kl": kl, "grad_norm": grad_norm, "lr": lr,
-    })
-    metrics.update({f"time/{k}": round(v, 4) for k, v in timings.items()})
-    metrics.update({f"mem/{k}": v for k, v in peaks.items()})
-    return metrics
-
-
-def sample_rows(rollouts: Rollouts, scored: Scored, n: int) -> list[dict]:
-    rows = []
-    for i in range(min(n, len(rollouts.completions))):
-        ex = rollouts.prompts.examples[i // rollouts.group_size]
-        rows.append({"question": ex.question, "answer": ex.answer, "completion": rollouts.completions[i],
-                     "reward": round(scored.total[i].item(), 4),
-                     **{k: round(v[i].item(), 4) for k, v in scored.components.items()}})
-    return rows
-
-
-# --- evaluation ---------------------------------------------------------------------------------
-
-
-def evaluate(cfg: Config, adapter: str | None, limit: int | None, out_path: str | None) -> dict:
-    """`tinyrl eval`: greedy completions on the test split; exact match on <answer> and extractive match."""
-    examples = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, limit)
-    model, tokenizer, _ = policy.load_policy(
-        cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=adapter)
-    return run_eval(model, tokenizer, examples, cfg, out_path, progress=True)
-
-
-def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: str | None = None,
-             progress: bool = False, batch_size: int | None = None) -> dict:
-    """Greedy completions, `batch_size` prompts per generate call (default gen_batch), and both metrics."""
-    rows = []
-    batch_size = batch_size or cfg.gen_batch
-    for s in range(0, len(examples), batch_size):
-        batch = examples[s:s + batch_size]
-        rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot, seed=cfg.seed,
-                                  system_prompt=system_prompt(cfg.task))
-        out = policy.generate(model, tokenizer, rendered, group_size=1, max_new_tokens=cfg.max_new_tokens,
-                              gen_batch=batch_size, greedy=True)
-        answers = [ex.answer for ex in batch]
-        exact = rewards.correctness(list(out.completions), answers)
-        extractive = rewards.extractive_match(list(out.completions), answers)
-        for ex, text, e, x in zip(batch, out.completions, exact, extractive):
-            rows.append({"index": ex.index, "question": ex.question, "answer": ex.answer, "completion": text,
-                         "exact_match": e, "extractive_match": x})
-        if progress:
-            print(f"eval {len(rows)}/{len(examples)} exact {mean(r['exact_match'] for r in rows):.3f} "
-                  f"extractive {mean(r['extractive_match'] for r in rows):.3f}", flush=True)
-    if out_path:
-        config_mod.write_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
-    return {"exact_match": mean(r["exact_match"] for r in rows),
-            "extractive_match": mean(r["extractive_match"] for r in rows), "n": len(rows)}
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
+    if finite:
+        (scaler or optimizer).step(*([optimizer] if scaler else []))
+    if scaler:
+        scaler.update()  # halves the scale after inf/nan gradients, grows it after a run of good steps
+    return StepResult(total_loss, torch.cat(kls).mean().item(), grad_norm, skipped=not finite)
 
 
 def with_overrides(cfg: Config, **changes) -> Config:

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from tinyrl.types import Rollouts, Scored, StepResult
+
 # --- peak memory per phase ----------------------------------------------------------------------
 
 
@@ -96,6 +98,15 @@ def allocator_hint() -> str:
     return "; setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the run often avoids this"
 
 
+def cap_cuda_memory(vram_bytes: int, context: int, device) -> None:
+    """Cap torch's allocator so that it plus what lives outside it (the CUDA context) stays within vram_bytes:
+    on a bigger card the run then backs off or fails where the smaller card would. Near the cap the allocator
+    returns cached blocks to the driver before it fails, which costs speed, not correctness."""
+    index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (vram_bytes - context) / total)), index)
+
+
 # --- collapse indicators ------------------------------------------------------------------------
 
 FORMAT_KEYS = ("reward/xml_count", "reward/soft_format", "reward/strict_format")
@@ -135,6 +146,37 @@ def collapse_warnings(history: list[dict], window: int = 5) -> list[str]:
     return out
 
 
+def step_metrics(step: int, rollouts: Rollouts, scored: Scored, result: StepResult, *, lr: float,
+                 timings: dict, peaks: dict) -> dict:
+    """Every key is defined in docs/metrics.md."""
+    lengths = rollouts.completion_mask.sum(-1)  # [P*G] tokens incl. EOS
+    grouped = scored.total.view(-1, rollouts.group_size)  # [P, G]
+    metrics = {"step": step, "reward/total": scored.total.mean().item()}
+    metrics.update({f"reward/{k}": v.mean().item() for k, v in scored.components.items()})
+    metrics.update({
+        "correct": scored.correct.float().mean().item(),
+        "len/mean": lengths.mean().item(), "len/min": lengths.min().item(), "len/max": lengths.max().item(),
+        "len/frac_at_cap": rollouts.truncated.float().mean().item(),
+        "len/frac_short": (lengths < 16).float().mean().item(),
+        "groups/frac_zero_var": (grouped.std(-1) < 1e-6).float().mean().item(),
+        "loss": result.loss, "kl": result.kl, "grad_norm": result.grad_norm, "lr": lr,
+        "amp/skipped": float(result.skipped),
+    })
+    metrics.update({f"time/{k}": round(v, 4) for k, v in timings.items()})
+    metrics.update({f"mem/{k}": v for k, v in peaks.items()})
+    return metrics
+
+
+def sample_rows(rollouts: Rollouts, scored: Scored, n: int) -> list[dict]:
+    rows = []
+    for i in range(min(n, len(rollouts.completions))):
+        ex = rollouts.prompts.examples[i // rollouts.group_size]
+        rows.append({"question": ex.question, "answer": ex.answer, "completion": rollouts.completions[i],
+                     "reward": round(scored.total[i].item(), 4),
+                     **{k: round(v[i].item(), 4) for k, v in scored.components.items()}})
+    return rows
+
+
 # --- the meter ----------------------------------------------------------------------------------
 
 
@@ -162,7 +204,8 @@ class Meter:
         self.out, self.total = out, total
         self.history: list[dict] = read_jsonl(os.path.join(out, "metrics.jsonl"))
         self.warned: set[str] = set()
-        self.oom_backoffs = 0  # times an out-of-memory error halved gen_batch or micro_batch in this process
+        self.oom_backoffs = 0  # times an out-of-memory error halved gen_batch or micro_batch in this run
+        self.pending_samples: list[dict] = []  # the last step's sample rows, written when it is a sampling step
         self.quiet = quiet
         self.progress = None
         if sys.stderr.isatty() and not quiet:

@@ -297,3 +297,16 @@ def load_task(name: str, data: str | None, split: str, seed: int, limit: int | N
             fresh = [ex for ex in make(2 * size, 2 * seed + 1) if ex.question not in seen][:size]
             examples = [Example(question=ex.question, answer=ex.answer, index=i) for i, ex in enumerate(fresh)]
     return examples[:limit] if limit is not None else examples
+
+
+def examples_for_step(data: list[Example], step: int, per_step: int, seed: int) -> list[Example]:
+    """The P examples of a step: a fresh seeded shuffle each epoch, so the data position is just the step."""
+    orders: dict[int, list[int]] = {}  # epoch -> its permutation (a step spans at most two epochs)
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(i, len(data))
+        if epoch not in orders:
+            orders[epoch] = list(range(len(data)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        out.append(data[orders[epoch][pos]])
+    return out

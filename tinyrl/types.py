@@ -59,3 +59,13 @@ class TrainBatch:
     attention_mask: torch.Tensor  # [N, Tp+Tc] long
     completion_mask: torch.Tensor  # [N, Tc] float
     advantages: torch.Tensor  # [N] float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one GRPO update did."""
+
+    loss: float  # summed over micro-batches
+    kl: float  # mean KL per completion
+    grad_norm: float  # before clipping (inf or nan when the step was skipped)
+    skipped: bool  # loss or gradient not finite: nothing was applied

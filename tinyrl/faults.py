@@ -1,0 +1,150 @@
+"""Faults a long run on a borrowed machine meets, as small pieces the loop uses: a lock on the run folder, stop
+requests from signals, a deadline judged from measured step times. No torch here.
+
+- `RunLock`: two `fit` processes on one --out would interleave their checkpoints; the second is refused.
+- `StopRequests`: SIGTERM or SIGINT (a notebook's stop button, the end of a session) asks the loop to stop at the
+  next step boundary with a checkpoint; a second one stops at once.
+- `past_deadline`: whether the next step (and a checkpoint) would end after `max_minutes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import torch
+
+from tinyrl.config import DETERMINISTIC_ENV
+from tinyrl.errors import UserError
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder: `flock` on RUN/.lock, which the kernel drops when its holder ends in any
+    way (kill -9 included), so a lock left by a dead process is simply taken over. The holder writes its pid, host
+    and start time into the file, for the message the next one gets. Where the file system has no flock (some
+    network mounts), runs go unlocked."""
+
+    def __init__(self, run: str):
+        self.run, self.path, self.fd = run, os.path.join(run, LOCK_FILE), None
+
+    def acquire(self) -> None:
+        if self.fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise UserError(f"{self.run} is in use by another tinyrl fit ({holder}); wait for it to end or stop "
+                            "it, or choose another --out") from None
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        self.fd = fd
+
+    def __enter__(self) -> RunLock:
+        if os.path.isdir(self.run):  # refuse a second fit before it spends minutes loading a model
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock; the file stays (removing it would race a process opening it)
+            self.fd = None
+
+
+class StopRequests:
+    """While active, the first SIGINT or SIGTERM sets `signal` (its name) and `code` for the loop to act on at
+    the next step boundary; a second raises KeyboardInterrupt at once, which unwinds through the atomic writes
+    (a checkpoint being written is removed, never half-kept). The previous handlers come back on exit.
+    Handlers can only be set in the main thread; elsewhere signals keep their usual effect."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.code = 0
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            _say(f"tinyrl: {name} again: stopping at once; the last checkpoint stays\n")
+            raise KeyboardInterrupt
+        self.signal, self.code = name, 128 + signum
+        _say(f"tinyrl: {name}: stopping after this step with a checkpoint (send it again to stop at once)\n")
+
+
+def _say(text: str) -> None:
+    """Write from a signal handler: os.write, not print, which may be in the middle of writing already."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError):
+        pass
+
+
+def past_deadline(elapsed_s: float, step_times: list[float], save_s: float, limit_s: float,
+                  margin: float = 1.2) -> bool:
+    """Whether one more step, then a checkpoint, would end after `limit_s` (0: no limit). The next step is taken to
+    last as long as the slowest of the last three (evaluation steps included), times `margin`. Before any step is
+    measured there is nothing to judge by: False.
+
+    60 s used of 100, steps of 20 and 30 s, a 5 s save: 60 + 36 + 5 > 100, stop.
+    >>> past_deadline(60, [20, 30], 5, 100), past_deadline(50, [20, 30], 5, 100), past_deadline(99, [], 5, 100)
+    (True, False, False)
+    """
+    if not limit_s or not step_times:
+        return False
+    return elapsed_s + margin * max(step_times[-3:]) + save_s > limit_s
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """deterministic=true: torch's deterministic algorithms (warning, not failing, on ops that have none) while fit
+    runs. The environment half (MKL_CBWR, CUBLAS_WORKSPACE_CONFIG) must be set before torch loads: the CLI does it."""
+    if not on:
+        yield
+        return
+    missing = [k for k, v in DETERMINISTIC_ENV.items() if os.environ.get(k) != v]
+    if missing:
+        print(f"note: deterministic=true wants {', '.join(missing)} set before torch is imported (the CLI does it); "
+              "without it CPU runs may still differ in the last bits", flush=True)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def nonfinite_message(skipped: int, metrics: dict, cfg, kept: str | None) -> str:
+    return (f"{skipped} steps in a row had a non-finite loss or gradient (last: loss {metrics['loss']}, grad_norm "
+            f"{metrics['grad_norm']}) and were skipped; likely causes: lr {cfg.lr:g} too high, or fp16 overflow "
+            f"(dtype={cfg.dtype}: use bf16 or fp32 where the GPU has them). The last checkpoint "
+            f"({kept or 'none yet'}) is kept; start a new --out with other settings")
