@@ -445,6 +445,7 @@ def test_format_plan_shows_every_term_and_knob():
     for term in p.breakdown.terms:
         assert term.name in text
     assert "peak" in text and "fp16" in text
+    assert "dynamic loss scaling" in text and "GradScaler" not in text  # what tinyrl does, not what to do
 
 
 def test_plan_is_fast_and_does_not_import_torch():

@@ -1021,8 +1021,8 @@ def _reasons(g, s, bd, tp, lengths, caps, pins, start, stage, budget, encoder_by
     if caps.bf16:
         dtype_why = f"{caps.name} supports bf16"
     elif s.dtype == "fp16":
-        dtype_why = (f"{caps.name} has no bf16: fp16 compute with fp32 LoRA weights; use a GradScaler, "
-                     "and pin dtype=fp32 if the loss turns NaN")
+        dtype_why = (f"{caps.name} has no bf16: fp16 compute, fp32 LoRA weights, dynamic loss scaling (a step "
+                     "whose gradients overflow is skipped: amp/skipped)")
     else:
         dtype_why = f"{caps.name} has neither bf16 nor usable fp16"
     out.append(why("dtype", dtype_why))

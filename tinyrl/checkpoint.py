@@ -234,7 +234,10 @@ def load(path: str, model, optimizer, memory=None) -> dict:
         optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
         rng = load_file(os.path.join(path, "rng.safetensors"))
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        if isinstance(err, OSError) and err.filename:
+            reason = f"{os.path.basename(err.filename)}: {err.strerror}"
+        else:
+            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise UserError(f"unreadable ({reason})") from None
     if memory is not None:
         memory.load(os.path.join(path, "memory"))  # UserError if damaged; nothing changed then

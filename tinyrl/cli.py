@@ -190,7 +190,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from transformers/peft
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels not installed" on every CPU import
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130 here, not an exception
     except UserError as err:
         print(f"tinyrl: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -198,13 +198,16 @@ def main() -> None:
         print(f"tinyrl: {stop}", file=sys.stderr)
         sys.exit(stop.code)
     except KeyboardInterrupt:
-        print("tinyrl: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except Exception as err:  # usage errors from typer's click (vendored in new typer): one line, exit 2
         if callable(getattr(err, "format_message", None)) and hasattr(err, "exit_code"):
             print(f"tinyrl: error: {err.format_message()}", file=sys.stderr)
             sys.exit(2)
         raise
+    if code == 130:
+        print("tinyrl: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
