@@ -1,4 +1,5 @@
-"""fp16 compute with dynamic loss scaling, and the non-finite guard for every dtype (CPU, tiny model)."""
+"""The GRPO update (loop.train_step): log-probs at the sampling temperature, fp16 compute with dynamic loss scaling,
+and the non-finite guard for every dtype (CPU, tiny model)."""
 
 import copy
 import json
@@ -79,6 +80,25 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(tiny_model, dtype):
         assert scaler.get_scale() == 32768.0  # halved after the overflow
     result = loop.train_step(model, optimizer, batch(), cfg, device, scaler)  # the next good batch trains
     assert not result.skipped and any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("at_temperature, expected", [(True, 0.7), (False, 1.0)])
+def test_training_and_reference_log_probs_are_scored_at_the_sampling_temperature(tiny_model, monkeypatch,
+                                                                                  at_temperature, expected):
+    seen = []
+    for name in ("completion_logprobs", "reference_logprobs"):
+        real = getattr(policy, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            seen.append((_name, kw.get("temperature", args[5] if len(args) > 5 else 1.0)))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(policy, name, spy)
+    model, device = load(tiny_model, "fp32")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    cfg = Config(micro_batch=4, temperature=0.7, score_at_temperature=at_temperature)
+    loop.train_step(model, optimizer, batch(), cfg, device)
+    assert set(seen) == {("completion_logprobs", expected), ("reference_logprobs", expected)}
 
 
 def rows(path):
