@@ -2,7 +2,7 @@
 # The GPU checks, in the form they run on a lent H100/H200 (the `device` tool, which carries .whl/ and .gpu/):
 #   .whl/   wheels the GPU image lacks: usearch + numkong, bitsandbytes, trl, datasets, dill, multiprocess
 #   .gpu/   a GSM8K sample (.gpu/gsm8k/{train,test}.jsonl, the first 200/50 lines of ../shared/data/gsm8k)
-# Usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl     Results land in $OUT (default
+# Usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16     Results land in $OUT (default
 # /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the same warm
 # machine (issue it at once: the machine goes back after 30 s idle) can add rows to it (`second`).
 #   first:  tests, the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G) and the 12G/16G rows
@@ -17,6 +17,8 @@
 #           growing KV cache fragmented the allocator on 2026-11-26; the cache is laid out since, so against the
 #           `first` row this shows what expandable segments add on top, not what growing cost)
 #   trl:    bench/vs_trl.py --device cuda (Qwen2.5-0.5B geometry, P=8 G=16, 200 tokens), both tools
+#   fp16:   bench/fp16_gpu.py: 3-step dtype=fp16 fits (16-bit and 4-bit base) of the Qwen2.5-0.5B geometry, the
+#           T4/P100 path: loss and gradients finite, loss scale and skipped steps (not yet run: ~1.5 min expected)
 # LIMIT / SECOND_LIMIT / TRL_LIMIT (seconds): start no new row or run after that; TRL_LIMIT must exceed tinyrl's
 # run (~110 s) or TRL never starts. `first` and `second` each fit one 10-minute call, not both together.
 # Device time on 2026-11-26 (H200): start ~1 min, `first` 6.3 min (tests 1 min, 10 rows), top_p 0.7 min,
@@ -57,9 +59,21 @@ top_p() {
     --out "$OUT/budget_gpu_top_p.json" 2>&1 | grep -v "$quiet" | tee "$OUT/budget_top_p_log.txt"
 }
 
+QWEN=/tmp/tinyrl-budget/qwen  # the sweep's random-init Qwen2.5-0.5B geometry (made here if absent)
+
+qwen() {
+  [ -f $QWEN/config.json ] || python3 bench/randmodel.py Qwen/Qwen2.5-0.5B-Instruct $QWEN
+}
+
+fp16() {
+  qwen
+  timeout 300 python3 bench/fp16_gpu.py --model $QWEN --out "$OUT/fp16_gpu.json" 2>&1 | grep -v "$quiet" \
+    | tee "$OUT/fp16_log.txt"
+}
+
 trl() {  # trl LIMIT
-  local model=/tmp/tinyrl-budget/qwen  # the sweep's random-init Qwen2.5-0.5B geometry (made here if absent)
-  [ -f $model/config.json ] || python3 bench/randmodel.py Qwen/Qwen2.5-0.5B-Instruct $model
+  local model=$QWEN
+  qwen
   timeout $(($1 + 150)) python3 bench/vs_trl.py --device cuda --model $model --data .gpu/gsm8k --prompts 8 \
     --group 16 --new-tokens 200 --steps 3 --rounds 1 --time-limit "$1" --out "$OUT/vs_trl_gpu.json" 2>&1 \
     | grep -v "$quiet" | tee "$OUT/vs_trl_log.txt"
@@ -90,5 +104,6 @@ case "${1:-}" in
   top_p) top_p ;;
   frag) frag ;;
   trl) trl "${LIMIT:-120}" ;;
-  *) echo "usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl" >&2; exit 2 ;;
+  fp16) fp16 ;;
+  *) echo "usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16" >&2; exit 2 ;;
 esac

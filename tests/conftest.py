@@ -4,6 +4,9 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch loads: MKL's reproducible path, so in-process tests that compare a resumed run with an uninterrupted
+# one are exact (what deterministic=true arranges for the CLI; subprocess tests leave it out and pass that setting)
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -92,20 +92,25 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_matches(tiny_mod
     assert outputs(run) == reference
 
 
-def test_a_second_sigint_stops_at_once_and_leaves_the_last_checkpoint(tiny_model, tmp_path, reference):
+def test_a_second_sigint_stops_at_once_and_leaves_the_last_checkpoint(tiny_model, tmp_path):
     run, log = str(tmp_path / "run"), str(tmp_path / "stderr")
-    proc = start(command(tiny_model, run), log)
-    wait_for(lambda: len(rows(run)) >= 2, proc)
+    slow = ["--set", "prompts_per_step=8", "--set", "group_size=16", "--set", "max_new_tokens=96",
+            "--set", "save_every=1"]  # steps of seconds: both signals land inside one
+    proc = start(command(tiny_model, run, 50, *slow), log)
+    wait_for(lambda: checkpoint.latest_name(run) == "step-000001", proc)
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "stopping after this step" in open(log).read(), proc)
+    logged = len(rows(run))
     proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=120)
+    assert proc.wait(timeout=120) == 130
     text = open(log).read()
-    assert code == 130 and ("again: stopping at once" in text or "by SIGINT" in text), text  # (or the step ended)
-    assert not [d for d in os.listdir(os.path.join(run, "checkpoints")) if d.startswith(".tmp")]
-    done = cli(command(tiny_model, run))
+    assert "SIGINT again: stopping at once" in text and "rerun the same command to resume" in text, text
+    assert len(rows(run)) == logged  # the step in progress was abandoned, not finished
+    names = os.listdir(os.path.join(run, "checkpoints"))
+    assert not [d for d in names if d.startswith(".tmp")] and checkpoint.latest_name(run) == f"step-{logged:06d}"
+    done = cli(command(tiny_model, run, logged + 1, *slow, "--resume"))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert outputs(run) == reference
+    assert [m["step"] for m in rows(run)] == list(range(1, logged + 2))
 
 
 def test_a_second_fit_on_the_same_run_is_refused_and_a_killed_holders_lock_is_taken_over(tiny_model, tmp_path):
@@ -116,7 +121,7 @@ def test_a_second_fit_on_the_same_run_is_refused_and_a_killed_holders_lock_is_ta
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     done_steps = max(checkpoint.steps(run), default=0)
-    done = cli(command(tiny_model, run, 500)[:-0 or None] + ["--resume", "--steps", str(done_steps + 1)])
+    done = cli(command(tiny_model, run, 500) + ["--resume", "--steps", str(done_steps + 1)])
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(rows(run)) == done_steps + 1
 
@@ -130,7 +135,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_model, tmp_path,
         f.truncate(os.path.getsize(adapter) // 2)
     done = cli(command(tiny_model, run, 6, *extra))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "warning: step-000006: unreadable" in done.stdout and "resuming from step-000004" in done.stdout
+    assert "warning: step-000006: unreadable" in done.stderr and "resuming from step-000004" in done.stderr
     assert outputs(run) == reference  # steps 5 and 6 ran again, exactly
     optimizer = os.path.join(run, "checkpoints", "step-000006", "optimizer.pt")
     with open(optimizer, "r+b") as f:  # one flipped byte: same size, found by the checksum
@@ -148,13 +153,13 @@ def test_max_minutes_stops_with_a_checkpoint_before_the_deadline_and_the_rerun_g
     run = str(tmp_path / "run")
     cmd = command(tiny_model, run, 1000, "--set", "max_minutes=0.1", "--set", "save_every=1000")
     began = time.perf_counter()
-    first = cli([c for c in cmd if c != "--quiet"])
+    first = cli(cmd)  # --quiet: the stop is said anyway
     wall = time.perf_counter() - began
     assert first.returncode == 0, first.stderr[-2000:]
     done_steps = len(rows(run))
-    assert 1 <= done_steps < 1000 and "by max_minutes=0.1" in first.stdout and "rerun the same command" in first.stdout
+    assert 1 <= done_steps < 1000 and "by max_minutes=0.1" in first.stderr and "rerun the same command" in first.stderr
     assert checkpoint.latest_name(run) == f"step-{done_steps:06d}"
-    assert wall < 6 + 15  # the deadline counts from fit's start, after Python and torch load
+    assert wall < 6 + 60  # 6 s from fit's start, after Python, torch and the model load (a loose bound: timing)
     second = cli(cmd)
     assert second.returncode == 0, second.stderr[-2000:]
     assert len(rows(run)) > done_steps and rows(run)[done_steps]["step"] == done_steps + 1
@@ -166,9 +171,9 @@ def test_resume_may_change_steps_and_cadences_but_not_what_is_learned(tiny_model
     one_line_error(cli(command(tiny_model, run, 6)), "other settings", "steps=4", "--resume")
     one_line_error(cli(command(tiny_model, run, 6, "--resume", "--set", "lr=0.5")), "lr=0.01", "cannot change")
     one_line_error(cli(command(tiny_model, run, 2, "--resume")), "step 4", "--steps 4 or more")
-    done = cli([c for c in command(tiny_model, run, 6, "--resume", "--set", "save_every=1") if c != "--quiet"])
+    done = cli(command(tiny_model, run, 6, "--resume", "--set", "save_every=1"))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "changed: steps 4 -> 6, save_every 2 -> 1" in done.stdout
+    assert "--resume: changed steps 4 -> 6, save_every 2 -> 1; the lr schedule follows the new total" in done.stderr
     metrics = rows(run)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert metrics[4]["lr"] == pytest.approx(grpo.lr_at(4, 6, 1e-2, 0.1))  # the schedule follows the new total
@@ -229,9 +234,44 @@ def test_a_full_disk_while_saving_is_one_line_and_the_run_resumes(tiny_model, tm
         loop.fit(run, quiet=True)
     assert "resume from step-000002" in str(err.value) and "\n" not in str(err.value)
     assert checkpoint.latest_name(run.out) == "step-000002"
-    assert os.listdir(os.path.join(run.out, "checkpoints")) == ["latest", "step-000002"] or sorted(
-        os.listdir(os.path.join(run.out, "checkpoints"))) == ["latest", "step-000002"]
+    assert sorted(os.listdir(os.path.join(run.out, "checkpoints"))) == ["latest", "step-000002"]
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert fit_rows(run) == reference
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs, where this machine lets a test mount one (root in a sandbox); else skip."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield str(mount)
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_while_saving_is_one_line_and_the_run_resumes(tiny_model, tmp_path, small_disk,
+                                                                         monkeypatch):
+    """torch.save and safetensors raise their own errors on ENOSPC, not OSError: found by the free space."""
+    cfg = Config(task="toy", model=tiny_model, steps=4, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                 lr=1e-2, save_every=2)
+    reference = fit_rows(dataclasses.replace(cfg, out=str(tmp_path / "ref")))
+    real_take_step, filler = loop.take_step, os.path.join(small_disk, "filler")
+
+    def fill_the_disk_after_the_first_checkpoint(parts, cfg, train, step, log):
+        if step == 2:
+            with open(filler, "wb") as f:  # leave 24 KiB: metrics lines fit, a ~120 KiB checkpoint does not
+                f.write(b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - (24 << 10)))
+        return real_take_step(parts, cfg, train, step, log)
+
+    monkeypatch.setattr(loop, "take_step", fill_the_disk_after_the_first_checkpoint)
+    run = dataclasses.replace(cfg, out=os.path.join(small_disk, "run"))
+    with pytest.raises(UserError, match="disk full while saving checkpoint step-000004"):
+        loop.fit(run, quiet=True)
+    assert sorted(os.listdir(os.path.join(run.out, "checkpoints")))[:2] == ["latest", "step-000002"]
+    assert checkpoint.latest_name(run.out) == "step-000002"
+    os.unlink(filler)
+    monkeypatch.setattr(loop, "take_step", real_take_step)
     assert fit_rows(run) == reference
 
 

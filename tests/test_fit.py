@@ -101,10 +101,10 @@ def metrics_question(run):
 def test_oom_backoff_halves_and_continues_the_same_step(tiny_model, tmp_path, monkeypatch):
     """A simulated out-of-memory error (CPU test hook): training with micro_batch > 2 and generation with
     gen_batch > 4 'do not fit'; fit halves them, logs it, and every step still completes."""
-    real_train, real_generate = loop.train_step, loop.policy.generate
+    real_train, real_generate = loop.accumulate, loop.policy.generate
     calls = {"train": [], "generate": []}
 
-    def train_step(model, optimizer, batch, cfg, device, scaler):
+    def accumulate(model, optimizer, batch, cfg, device, scaler):
         calls["train"].append(cfg.micro_batch)
         if cfg.micro_batch > 2:
             raise torch.OutOfMemoryError("simulated")
@@ -116,7 +116,7 @@ def test_oom_backoff_halves_and_continues_the_same_step(tiny_model, tmp_path, mo
             raise torch.OutOfMemoryError("simulated")
         return real_generate(*args, **kw)
 
-    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop, "accumulate", accumulate)
     monkeypatch.setattr(loop.policy, "generate", generate)
     cfg = Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=3, prompts_per_step=2,
                  group_size=4, max_new_tokens=8, micro_batch=8, gen_batch=16, lr=1e-2)
@@ -130,10 +130,10 @@ def test_oom_backoff_halves_and_continues_the_same_step(tiny_model, tmp_path, mo
 def test_oom_at_the_floor_is_one_clear_error(tiny_model, tmp_path, monkeypatch):
     from tinyrl.errors import UserError
 
-    def train_step(*args):
+    def accumulate(*args):
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop, "accumulate", accumulate)
     cfg = Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=1, prompts_per_step=1,
                  group_size=2, max_new_tokens=4, micro_batch=2)
     with pytest.raises(UserError, match="micro_batch=1"):
@@ -190,3 +190,19 @@ def test_on_cpu_in_fp32_each_backward_starts_after_the_freed_heap_is_handed_back
     training = events[events.index("loss"):]
     per_micro_batch = ["loss", "trim", "backward"] if dtype == "fp32" else ["loss", "backward"]
     assert training == per_micro_batch * 2  # two micro-batches of 4
+
+
+def test_training_runs_in_train_mode_so_checkpointing_is_on(tiny_model, tmp_path, monkeypatch):
+    """transformers checkpoints a decoder layer only while it is training; from_pretrained leaves eval mode."""
+    real, modes = loop.accumulate, []
+
+    def spy(model, *args, **kw):
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        modes.append((model.training, bool(layers) and all(m.training for m in layers)))
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(loop, "accumulate", spy)
+    cfg = Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=2, prompts_per_step=2,
+                 group_size=4, max_new_tokens=8)
+    loop.fit(cfg, quiet=True)
+    assert modes == [(True, True), (True, True)]  # after each step's generate (eval mode) too

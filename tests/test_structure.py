@@ -1,5 +1,5 @@
-"""Stage modules talk through tinyrl.types / config / errors / hub (a leaf: is the hub reachable) only; loop.py (training),
-evaluate.py (evaluation) and the CLI wire them."""
+"""Stage modules talk through tinyrl.types / config / errors / hub (a leaf: is the hub reachable) only; loop.py
+(training), evaluate.py (evaluation) and the CLI wire them."""
 
 import ast
 import os

@@ -46,13 +46,14 @@ def prepare_run(cfg: Config, resume: bool, total: int) -> tuple[str, list[str]]:
         saved = config_mod.load(saved_path)
         if saved != cfg and not resume:
             diff = [f"{k}={getattr(saved, k)!r}" for k in config_mod.FIELDS if getattr(saved, k) != getattr(cfg, k)]
-            raise UserError(f"{run} holds a run with other settings ({', '.join(diff[:4])}); rerun it with those, "
+            raise UserError(f"{run} holds a run with other settings ({', '.join(diff)}); rerun it with those, "
                             "pass --resume to continue it (steps, cadences and deadline may change), or choose "
                             "another --out")
         changes = config_mod.resume_changes(saved, cfg, run)
     elif latest_name(run):
         raise UserError(f"{run} has checkpoints but no config.json; choose another --out")
-    done = max(steps(run), default=0)
+    named = latest_name(run)  # the step resumed from, unless that checkpoint turns out damaged
+    done = int(named[5:]) if named and named[5:].isdigit() else max(steps(run), default=0)
     if total < done:
         raise UserError(f"{run} has a checkpoint at step {done}, past --steps {total}; pass --steps {done} or more")
     config_mod.save(cfg, saved_path)
@@ -134,9 +135,9 @@ def save(run: str, step: int, model, optimizer, state: dict, memory=None, keep: 
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         previous = latest_name(run)
-        raise UserError(f"disk full while saving checkpoint {name} in {root}; free some space (or --set "
-                        f"keep_checkpoints=1) and rerun the same command to resume from "
-                        f"{previous or 'the start'}") from None
+        raise UserError(f"disk full while saving checkpoint {name} in {root}; free some space (e.g. older "
+                        f"checkpoints there) and rerun the same command to resume from {previous or 'the start'}"
+                        ) from None
     prune(run, step, keep)
     return final
 
@@ -161,10 +162,26 @@ def _write(root: str, name: str, step: int, model, optimizer, state: dict, memor
         if os.path.exists(final):  # re-saving a step after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
+        full = _out_of_space(err, root)  # judged before the partial files are removed
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on device ({type(err).__name__})") from err
         raise
     return final
+
+
+def _out_of_space(err: BaseException, root: str) -> bool:
+    """Whether a failed write ran out of disk: an ENOSPC/EDQUOT OSError, or a library's own error (torch.save
+    says 'unexpected pos', safetensors 'I/O error') while the disk is all but full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, Exception):
+        return False
+    try:
+        return "No space left" in str(err) or shutil.disk_usage(root).free < 1 << 20
+    except OSError:
+        return False
 
 
 def prune(run: str, step: int, keep: int) -> None:

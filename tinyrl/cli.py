@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -199,6 +200,12 @@ def main() -> None:
         sys.exit(stop.code)
     except KeyboardInterrupt:
         code = 130
+    except OSError as err:  # a full disk outside a checkpoint (metrics, config): one line; checkpoints are whole
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"tinyrl: error: disk full ({err.filename or err}); free some space and rerun the same command to "
+              "resume from the last checkpoint", file=sys.stderr)
+        sys.exit(2)
     except Exception as err:  # usage errors from typer's click (vendored in new typer): one line, exit 2
         if callable(getattr(err, "format_message", None)) and hasattr(err, "exit_code"):
             print(f"tinyrl: error: {err.format_message()}", file=sys.stderr)

@@ -133,7 +133,8 @@ class Config:
     save_every: int = 100
     """Checkpoint every N steps (and always at the end, and when stopped by a signal or max_minutes)."""
     keep_checkpoints: int = 3
-    """Complete checkpoints kept, newest first; an older one is deleted only once a newer one is complete. 0 keeps all."""
+    """Complete checkpoints kept, newest first; an older one is deleted only once a newer one is complete.
+    0 keeps all."""
     max_minutes: float = 0.0
     """Stop cleanly with a checkpoint before this many minutes since fit started (0 = no limit), judged from measured
     step times: set it below a notebook session's limit and rerun the same command to resume."""
@@ -148,6 +149,8 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+BEFORE_THEY_EXISTED = {"score_at_temperature": False}
+"""Settings whose default changed when they were added: a run saved before keeps the behaviour it was trained with."""
 DETERMINISTIC_ENV = {"MKL_CBWR": "COMPATIBLE", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 """What deterministic=true needs in the environment before torch loads: MKL's reproducible code path on CPU (the
 same results whatever the memory alignment and thread split), and a fixed cuBLAS workspace on CUDA."""
@@ -223,7 +226,8 @@ def validate(cfg: Config) -> Config:
     if cfg.group_size < 2:
         raise UserError(f"group_size must be at least 2 for group-normalised advantages (got {cfg.group_size})")
     if min(cfg.steps, cfg.min_new_tokens, cfg.eval_every, cfg.threads, cfg.keep_checkpoints, cfg.max_minutes) < 0:
-        raise UserError("steps, min_new_tokens, eval_every, threads, keep_checkpoints and max_minutes must be 0 or more")
+        raise UserError("steps, min_new_tokens, eval_every, threads, keep_checkpoints and max_minutes must be 0 or "
+                        "more")
     if cfg.max_skipped_steps < 1:
         raise UserError(f"max_skipped_steps must be at least 1 (got {cfg.max_skipped_steps})")
     if cfg.min_new_tokens > cfg.max_new_tokens:
@@ -251,7 +255,7 @@ def resume_changes(saved: Config, new: Config, run: str) -> list[str]:
     changed = [k for k in FIELDS if getattr(saved, k) != getattr(new, k)]
     refused = [f"{k}={getattr(saved, k)!r} (asked {getattr(new, k)!r})" for k in changed if k not in RESUMABLE]
     if refused:
-        raise UserError(f"--resume: {run} was trained with {', '.join(refused[:4])}, which cannot change mid-run; "
+        raise UserError(f"--resume: {run} was trained with {', '.join(refused)}, which cannot change mid-run; "
                         f"only {', '.join(RESUMABLE)} can. Drop the others, or start a new --out")
     return [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in changed]
 
@@ -271,7 +275,7 @@ def load(path: str) -> Config:
     unknown = set(raw) - set(FIELDS)
     if unknown:
         raise UserError(f"{path}: unknown settings {sorted(unknown)}; was it written by a newer tinyrl?")
-    return validate(Config(**raw))
+    return validate(Config(**{**BEFORE_THEY_EXISTED, **raw}))
 
 
 def write_atomic(path: str, text: str) -> None:

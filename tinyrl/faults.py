@@ -1,10 +1,12 @@
 """Faults a long run on a borrowed machine meets, as small pieces the loop uses: a lock on the run folder, stop
-requests from signals, a deadline judged from measured step times. No torch here.
+requests from signals, a deadline judged from measured step times, deterministic mode, the non-finite stop.
 
 - `RunLock`: two `fit` processes on one --out would interleave their checkpoints; the second is refused.
 - `StopRequests`: SIGTERM or SIGINT (a notebook's stop button, the end of a session) asks the loop to stop at the
   next step boundary with a checkpoint; a second one stops at once.
 - `past_deadline`: whether the next step (and a checkpoint) would end after `max_minutes`.
+- `deterministic`: torch's deterministic algorithms while fit runs (deterministic=true).
+- `nonfinite_message`: why fit stops after `max_skipped_steps` non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -143,8 +145,11 @@ def deterministic(on: bool):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def nonfinite_message(skipped: int, metrics: dict, cfg, kept: str | None) -> str:
+def nonfinite_message(skipped: int, metrics: dict, lr: float, dtype: torch.dtype, kept: str | None) -> str:
+    """The one line fit stops with after `skipped` steps in a row with a non-finite loss or gradient norm."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    cause = ("fp16 overflowing despite loss scaling (use --set dtype=bf16 where the GPU has it, else fp32), or "
+             if dtype == torch.float16 else "") + f"lr {lr:g} too high (compute dtype {name})"
     return (f"{skipped} steps in a row had a non-finite loss or gradient (last: loss {metrics['loss']}, grad_norm "
-            f"{metrics['grad_norm']}) and were skipped; likely causes: lr {cfg.lr:g} too high, or fp16 overflow "
-            f"(dtype={cfg.dtype}: use bf16 or fp32 where the GPU has them). The last checkpoint "
+            f"{metrics['grad_norm']}) and were skipped; likely causes: {cause}. The last checkpoint "
             f"({kept or 'none yet'}) is kept; start a new --out with other settings")

@@ -75,8 +75,3 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
         return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def lr_factor(total: int, warmup_ratio: float):
-    """The schedule as a LambdaLR factor function."""
-    return lambda step: lr_at(step, total, 1.0, warmup_ratio)

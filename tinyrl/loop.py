@@ -52,29 +52,33 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
         random.seed(cfg.seed)
         parts = load_parts(cfg, planned, quiet)
-        run, changes = checkpoint.prepare_run(cfg, resume, total)  # only now: a bad task or model leaves no run folder
-        lock.acquire()
+        os.makedirs(cfg.out, exist_ok=True)  # only now: a bad task or model leaves no run folder behind
+        lock.acquire()  # before the run folder is touched
+        run, changes = checkpoint.prepare_run(cfg, resume, total)
         torch.manual_seed(cfg.seed)
-        state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=print)
+        state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=meter.notice)
         start, cfg = restore(state, cfg, parts.scaler)
         for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint run again
             meter.truncate_jsonl(os.path.join(run, name), start)
         log = meter.Meter(run, total, start, quiet=quiet)
         log.oom_backoffs = state["oom"]["backoffs"] if state and "oom" in state else 0
+        if changes:
+            schedule = any(c.startswith("steps ") for c in changes)
+            meter.notice(f"--resume: changed {', '.join(changes)}"
+                         + ("; the lr schedule follows the new total" if schedule else ""))
         log.echo(f"{'resuming' if state else 'starting'} {run}: {cfg.task} with {cfg.model}, method {cfg.method}, "
-                 f"step {start}/{total}, P={cfg.prompts_per_step} G={cfg.group_size} on {parts.device}"
-                 + (f" (changed: {', '.join(changes)})" if changes else ""))
+                 f"step {start}/{total}, P={cfg.prompts_per_step} G={cfg.group_size} on {parts.device}")
         saved, step_times, save_s, skipped = start, [], 0.0, 0
         try:
             for step in range(start, total):
                 if stops.signal or faults.past_deadline(time.perf_counter() - begun, step_times, save_s,
                                                         60 * cfg.max_minutes):
-                    note = "" if saved == step else f"; checkpoint {save(run, step, parts, cfg, total, log)} saved"
+                    note = "" if saved == step else f"; checkpoint {save(run, step, parts, cfg, log)} saved"
                     why = stops.signal or f"max_minutes={cfg.max_minutes:g} (the next step would end past it)"
                     message = f"stopped at step {step}/{total} by {why}{note}; rerun the same command to resume"
                     if stops.signal:
                         raise Stopped(message, stops.code)
-                    log.echo(message)
+                    meter.notice(message)
                     break
                 metrics, cfg = take_step(parts, cfg, train, step, log)
                 step_times.append(metrics["time/step"])
@@ -84,19 +88,20 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
                                     "plan/device": planned.breakdown.peak})
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # one completion per prompt: as many
                     # prompts per generate call as a training batch prefills, so eval stays inside the plan
-                    batch_size = budget.prefill_rows(cfg.gen_batch, cfg.group_size)
+                    batch_size, began = budget.prefill_rows(cfg.gen_batch, cfg.group_size), time.perf_counter()
                     metrics.update({f"eval/{k}": v for k, v in evaluate.run_eval(
                         parts.model, parts.tokenizer, held_out, cfg, batch_size=batch_size).items()})
-                    step_times[-1] = time.perf_counter() - begun - sum(step_times[:-1])  # eval counts too
+                    step_times[-1] += time.perf_counter() - began  # the deadline counts evaluation too
                 log.log(metrics)
                 skipped = skipped + 1 if metrics["amp/skipped"] else 0
                 if skipped >= cfg.max_skipped_steps:
-                    raise UserError(faults.nonfinite_message(skipped, metrics, cfg, checkpoint.latest_name(run)))
+                    raise UserError(faults.nonfinite_message(skipped, metrics, cfg.lr, policy.causal_lm(parts.model).dtype,
+                                                            checkpoint.latest_name(run)))
                 if (step + 1) % cfg.sample_every == 0 or step == 0:
                     log.samples(step + 1, log.pending_samples)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == total:
                     began = time.perf_counter()
-                    save(run, step + 1, parts, cfg, total, log)
+                    save(run, step + 1, parts, cfg, log)
                     saved, save_s = step + 1, time.perf_counter() - began
         finally:
             log.close()
@@ -134,6 +139,7 @@ def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
     fp16 = policy.causal_lm(model).dtype == torch.float16  # fp16 gradients underflow without a loss scale
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     enc, mem = memory_setup(cfg, device)  # Memory-R+: the sentence encoder and both episodic memories
+    model.train()  # from_pretrained leaves eval mode, in which transformers skips gradient checkpointing
     return Parts(model, tokenizer, device, optimizer, scaler, enc, mem)
 
 
@@ -164,8 +170,9 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
         batch = grpo.train_batch(rollouts, adv)
-        result, cfg = with_oom_backoff(
-            lambda c: train_step(model, parts.optimizer, batch, c, device, parts.scaler), cfg, "micro_batch", log)
+        (loss, kl), cfg = with_oom_backoff(
+            lambda c: accumulate(model, parts.optimizer, batch, c, device, parts.scaler), cfg, "micro_batch", log)
+        result = update(parts.optimizer, parts.scaler, cfg.max_grad_norm, loss, kl)
     timings["step"] = time.perf_counter() - started
     if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
         peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
@@ -179,10 +186,10 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
     return metrics, cfg
 
 
-def save(run: str, step: int, parts: Parts, cfg: Config, total: int, log) -> str:
+def save(run: str, step: int, parts: Parts, cfg: Config, log) -> str:
     """Checkpoint `step` with the loop's own state: the OOM back-off's settings and count, and the loss scale."""
-    state = {"total": total, "oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch,
-                                     "logprob_chunk": cfg.logprob_chunk, "backoffs": log.oom_backoffs}}
+    state = {"oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk,
+                     "backoffs": log.oom_backoffs}}
     if parts.scaler:
         state["scaler"] = parts.scaler.state_dict()
     path = checkpoint.save(run, step, parts.model, parts.optimizer, state, parts.memory, keep=cfg.keep_checkpoints)
@@ -284,8 +291,8 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
 def with_oom_backoff(run, cfg: Config, knob: str, log):
     """Run `run(cfg)`; on out-of-memory halve `knob` (gen_batch or micro_batch) and run the same work again.
 
-    Nothing is lost: a training retry starts from zeroed gradients before any optimizer step, and the rollouts
-    of the step are kept. The smaller value stays for the rest of the run. Returns (result, cfg).
+    Nothing is lost: a training retry (`accumulate`) starts from zeroed gradients and comes before the update, and
+    the rollouts of the step are kept. The smaller value stays for the rest of the run. Returns (result, cfg).
     """
     while True:
         try:
@@ -314,6 +321,13 @@ def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
     backward and unscales the gradients before clipping. A non-finite loss or gradient norm skips the optimizer
     step; the scaler then lowers its scale.
     """
+    loss, kl = accumulate(model, optimizer, batch, cfg, device, scaler)
+    return update(optimizer, scaler, cfg.max_grad_norm, loss, kl)
+
+
+def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None) -> tuple[float, float]:
+    """Zero the gradients, then forward and backward every micro-batch: (summed loss, mean KL per completion).
+    What an out-of-memory retry repeats: nothing here touches the weights or the optimizer's state."""
     n = batch.input_ids.shape[0]
     total_loss, kls = 0.0, []
     temperature = cfg.temperature if cfg.score_at_temperature else 1.0
@@ -339,16 +353,21 @@ def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
         (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss.item()
         kls.append(kl.cpu())
+    return total_loss, torch.cat(kls).mean().item()
+
+
+def update(optimizer, scaler, max_grad_norm: float, loss: float, kl: float) -> StepResult:
+    """Unscale (fp16), clip, and step unless the loss or the gradient norm is not finite."""
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-    finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:
         (scaler or optimizer).step(*([optimizer] if scaler else []))
     if scaler:
         scaler.update()  # halves the scale after inf/nan gradients, grows it after a run of good steps
-    return StepResult(total_loss, torch.cat(kls).mean().item(), grad_norm, skipped=not finite)
+    return StepResult(loss, kl, grad_norm, skipped=not finite)
 
 
 def with_overrides(cfg: Config, **changes) -> Config:

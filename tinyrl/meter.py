@@ -247,6 +247,11 @@ class Meter:
             self.progress.stop()
 
 
+def notice(line: str) -> None:
+    """What a user must see even with --quiet (a fallback, a changed setting, an early stop): one line on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _append_jsonl(path: str, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
