@@ -526,32 +526,6 @@ def test_token_logprob_by_hand():
     assert h.grad.flatten().tolist() == pytest.approx([1 - e / (e + 2), -1 / (e + 2)], abs=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_token_logprob_matches_autograd_of_log_softmax(dtype, bias):
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=bias).to(dtype)
-    h = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
-    t = torch.randint(0, 50, (3, 5))
-    g = torch.randn(3, 5)  # an uneven upstream gradient
-    got = policy._TokenLogprob.apply(h, head.weight, head.bias, t)
-    (got * g).sum().backward()
-    got_grads = [x.grad.clone() for x in (h, head.weight) + ((head.bias,) if bias else ())]
-    for x in (h, head.weight, head.bias):
-        if x is not None:
-            x.grad = None
-    want = policy._token_logprobs(head, h, t)
-    (want * g).sum().backward()
-    want_grads = [x.grad for x in (h, head.weight) + ((head.bias,) if bias else ())]
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert torch.allclose(got, want, atol=tol)
-    for a, b in zip(got_grads, want_grads):
-        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
-    with torch.no_grad():  # the no-grad path (reference pass) gives the same values
-        assert torch.allclose(policy._logprob_and_lse(h, head.weight, head.bias, t)[0], want, atol=tol)
-
-
-
 def test_token_logprob_at_a_temperature_by_hand():
     # T = 0.5, D = 1: logits = [0, ln 2, ln 3] / 2, so logits / T = ln [1, 2, 3] and softmax = [1, 2, 3] / 6.
     # Target 2: logp = ln(3/6) = -ln 2; d logp / d logits = (onehot - p) / T = [-1/3, -2/3, 1] = d logp / d W (h = 1)
@@ -574,27 +548,30 @@ def values_and_grads(logprobs, head, h, g):
     return got.detach(), [x.grad.clone() for x in leaves]
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_token_logprobs_at_a_temperature_match_autograd_of_the_tempered_log_softmax(dtype, bias):
-    """Both paths, the hand-written one and the general one, score log softmax(logits / T)[target]."""
+def test_token_logprobs_match_autograd_of_the_tempered_log_softmax(dtype, bias, temperature):
+    """Both paths, the hand-written one and the general one, score log softmax(logits / T)[target], values and
+    gradients (hidden, weight, bias) alike, and so does the no-grad path of the reference pass."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).to(dtype)
     h = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
     t = torch.randint(0, 50, (3, 5))
     g = torch.randn(3, 5)  # an uneven upstream gradient
-    want, want_grads = values_and_grads(
-        lambda: torch.log_softmax(head(h).float() / 0.7, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1), head, h, g)
-    plain = values_and_grads(lambda: policy._TokenLogprob.apply(h, head.weight, head.bias, t, 0.7), head, h, g)
-    general = values_and_grads(lambda: policy._token_logprobs(head, h, t, 0.7), head, h, g)
+    want, want_grads = values_and_grads(lambda: torch.log_softmax(head(h).float() / temperature, -1).gather(
+        -1, t.unsqueeze(-1)).squeeze(-1), head, h, g)
+    plain = values_and_grads(lambda: policy._TokenLogprob.apply(h, head.weight, head.bias, t, temperature), head, h, g)
+    general = values_and_grads(lambda: policy._token_logprobs(head, h, t, temperature), head, h, g)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for got, got_grads in (plain, general):
         assert torch.allclose(got, want, atol=tol)
         for a, b in zip(got_grads, want_grads, strict=True):
             assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
-    assert not torch.allclose(want, policy._token_logprobs(head, h, t).detach(), atol=0.1)  # T = 0.7 matters
+    if temperature != 1.0:  # it matters
+        assert not torch.allclose(want, policy._token_logprobs(head, h, t).detach(), atol=0.1)
     with torch.no_grad():  # the no-grad path (reference pass) gives the same values
-        assert torch.allclose(policy._logprob_and_lse(h, head.weight, head.bias, t, 0.7)[0], want, atol=tol)
+        assert torch.allclose(policy._logprob_and_lse(h, head.weight, head.bias, t, temperature)[0], want, atol=tol)
 
 
 @pytest.mark.parametrize("hooked", [False, True])  # the hand-written path; the general one (checkpointed with grad)
@@ -620,6 +597,7 @@ def test_completion_logprobs_score_at_the_sampling_temperature(tiny_model, hooke
         assert torch.equal(policy.completion_logprobs(model, ids, mask, 3, 1, temperature=1.0), today)
         assert torch.allclose(policy.completion_logprobs(model, ids, mask, 3, 1, temperature=0.9), want, atol=1e-5)
     assert not torch.allclose(today, want, atol=1e-3)  # the temperature matters here
+
 
 def test_heads_that_are_not_plain_linears_use_autograd(tiny_model, monkeypatch):
     model, tok = load(tiny_model)

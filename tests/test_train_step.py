@@ -176,7 +176,8 @@ def test_fit_stops_after_max_skipped_steps_naming_the_causes(tiny_model, tmp_pat
     with pytest.raises(UserError) as err:
         loop.fit(cfg, quiet=True)
     message = str(err.value)
-    assert "2 steps in a row" in message and "lr 0.01 too high" in message and "dtype fp32" in message and "\n" not in message
+    assert "2 steps in a row" in message and "lr 0.01 too high" in message and "dtype fp32" in message
+    assert "\n" not in message
     assert "step-000003" in message  # the last checkpoint, whose weights are those after step 2
     metrics = rows(os.path.join(cfg.out, "metrics.jsonl"))
     assert [m["amp/skipped"] for m in metrics] == [0, 0, 1, 1]

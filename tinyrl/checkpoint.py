@@ -31,17 +31,16 @@ LATEST = "latest"
 CRASH_ENV = "TINYRL_CRASH_AT"  # tests only: SIGKILL this process at a named point, e.g. "before-latest:4"
 
 
-def prepare_run(cfg: Config, resume: bool, total: int) -> tuple[str, list[str]]:
-    """Create the run folder and save the config; returns (run, settings --resume changed).
+def check_run(cfg: Config, resume: bool, total: int) -> tuple[list[str], int]:
+    """Whether cfg may start or continue the run in cfg.out, read before any weight loads; returns (settings
+    --resume changed, the step of the checkpoint to resume from, 0 if none).
 
     A folder whose saved config equals cfg is resumed (rerunning the same command continues it); with --resume,
-    config.RESUMABLE settings may differ (said in one line; the lr schedule follows the new total); any other
-    difference is an error, so no run is overwritten by accident.
+    config.RESUMABLE settings may differ (the lr schedule follows the new total); any other difference is an
+    error, so no run is overwritten by accident.
     """
-    run = cfg.out
-    os.makedirs(run, exist_ok=True)
+    run, changes = cfg.out, []
     saved_path = os.path.join(run, "config.json")
-    changes = []
     if os.path.exists(saved_path):
         saved = config_mod.load(saved_path)
         if saved != cfg and not resume:
@@ -56,12 +55,19 @@ def prepare_run(cfg: Config, resume: bool, total: int) -> tuple[str, list[str]]:
     done = int(named[5:]) if named and named[5:].isdigit() else max(steps(run), default=0)
     if total < done:
         raise UserError(f"{run} has a checkpoint at step {done}, past --steps {total}; pass --steps {done} or more")
-    config_mod.save(cfg, saved_path)
+    return changes, done
+
+
+def prepare_run(cfg: Config, resume: bool, total: int) -> str:
+    """Checked again (`check_run`, now under the run's lock), save the config; a run that died before its first
+    checkpoint loses its metrics and samples, which the new start writes again. Returns the run folder."""
+    _, done = check_run(cfg, resume, total)
+    config_mod.save(cfg, os.path.join(cfg.out, "config.json"))
     if not done:
-        for name in ("metrics.jsonl", "samples.jsonl"):  # a run that died before its first checkpoint
-            if os.path.exists(os.path.join(run, name)):
-                os.unlink(os.path.join(run, name))
-    return run, changes
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if os.path.exists(os.path.join(cfg.out, name)):
+                os.unlink(os.path.join(cfg.out, name))
+    return cfg.out
 
 
 def check_writable(run: str) -> None:

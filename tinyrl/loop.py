@@ -50,11 +50,12 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         train = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, None)
         held_out = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, cfg.eval_limit) if cfg.eval_every else []
         total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
+        changes, _ = checkpoint.check_run(cfg, resume, total)  # refused before minutes of loading, not after
         random.seed(cfg.seed)
         parts = load_parts(cfg, planned, quiet)
         os.makedirs(cfg.out, exist_ok=True)  # only now: a bad task or model leaves no run folder behind
         lock.acquire()  # before the run folder is touched
-        run, changes = checkpoint.prepare_run(cfg, resume, total)
+        run = checkpoint.prepare_run(cfg, resume, total)
         torch.manual_seed(cfg.seed)
         state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=meter.notice)
         start, cfg = restore(state, cfg, parts.scaler)
@@ -95,8 +96,8 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
                 log.log(metrics)
                 skipped = skipped + 1 if metrics["amp/skipped"] else 0
                 if skipped >= cfg.max_skipped_steps:
-                    raise UserError(faults.nonfinite_message(skipped, metrics, cfg.lr, policy.causal_lm(parts.model).dtype,
-                                                            checkpoint.latest_name(run)))
+                    kept, dtype = checkpoint.latest_name(run), policy.causal_lm(parts.model).dtype
+                    raise UserError(faults.nonfinite_message(skipped, metrics, cfg.lr, dtype, kept))
                 if (step + 1) % cfg.sample_every == 0 or step == 0:
                     log.samples(step + 1, log.pending_samples)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == total:
