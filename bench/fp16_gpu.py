@@ -18,6 +18,7 @@ import time
 
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from tinyrl import loop
 from tinyrl.config import Config
@@ -30,7 +31,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
-    results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    results = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU smoke test)",
+               "torch": torch.__version__,
                "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
                "config": "toy, P=4 G=8, 64 new tokens, lr 1e-4, 3 steps, dtype=fp16", "runs": {}}
     quants = ["none"] + (["4bit"] if importlib.util.find_spec("bitsandbytes") else [])
@@ -42,8 +44,11 @@ def main() -> None:
         with open(os.path.join(run, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         finite = all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+        weights = load_file(os.path.join(run, "checkpoints", "step-000003", "adapter_model.safetensors"))
+        moved = all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at 0
         results["runs"][quant] = {
-            "finite": finite, "loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows],
+            "finite": finite, "lora_b_all_moved": bool(moved),
+            "lora_dtypes": sorted({str(v.dtype) for v in weights.values()}), "loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows],
             "amp/scale": [r["amp/scale"] for r in rows], "amp/skipped": [r["amp/skipped"] for r in rows],
             "reward/total": [r["reward/total"] for r in rows], "time/step": [r["time/step"] for r in rows],
             "mem/train": [r["mem/train"] for r in rows]}
