@@ -77,14 +77,19 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
 def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
           model: Optional[str] = typer.Option(None, help="Base model (default: the adapter run's model)."),
           adapter: Optional[str] = typer.Option(None, help="A run folder (its latest checkpoint) or checkpoint folder."),
+          checkpoints: str = typer.Option("latest", help="latest, or all: every checkpoint of the run folder given "
+                                                         "as --adapter, then the best and the last."),
           data: Optional[str] = typer.Option(None, help="Local GSM8K-format test file or folder."),
           limit: Optional[int] = typer.Option(None, help="Evaluate the first N examples."),
           out: Optional[str] = typer.Option(None, help="Per-example jsonl (default eval-<task>.jsonl in the run "
-                                                         "folder, else in the current folder)."),
+                                                         "folder, else in the current folder; with --checkpoints "
+                                                         "all, eval-<task>-step-N.jsonl in the run folder)."),
           set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
-    """Greedy evaluation: exact match on the <answer> tag and numeric extractive match."""
+    """Greedy evaluation: exact match on the <answer> tag and extractive match (math-verify, as LightEval)."""
     from tinyrl import checkpoint, evaluate
 
+    if checkpoints not in ("latest", "all"):
+        raise UserError(f"--checkpoints must be latest or all (got {checkpoints!r})")
     base = Config()
     adapter_dir, results_dir = None, "."
     if adapter:
@@ -97,9 +102,16 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
                 raise UserError(f"--adapter {adapter}: the run has no checkpoint yet")
         elif not os.path.exists(os.path.join(adapter, "adapter_config.json")):
             raise UserError(f"--adapter {adapter}: not a run folder or a checkpoint (no adapter_config.json)")
+    if checkpoints == "all" and results_dir == ".":
+        raise UserError("--checkpoints all needs a run folder as --adapter (one with config.json and checkpoints/)")
+    if checkpoints == "all" and out:
+        raise UserError("--out names one file; --checkpoints all writes eval-<task>-step-N.jsonl in the run folder")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
     cfg = build_config(base, {"task": task, "model": model, "data": data}, set_)
+    if checkpoints == "all":
+        print(evaluate.report_checkpoints(evaluate.evaluate_checkpoints(cfg, results_dir, limit), results_dir, task))
+        return
     out_path = out or os.path.join(results_dir, f"eval-{task}.jsonl")
     result = evaluate.evaluate(cfg, adapter_dir, limit, out_path)
     print(f"eval {task}: exact_match {result['exact_match']:.4f}  extractive_match {result['extractive_match']:.4f}"

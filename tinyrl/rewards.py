@@ -12,8 +12,9 @@ reproduction (§9 item 12):
 - `correctness` compares strings exactly ("18.0" and "$18" are wrong); `numeric=True` (or
   `correctness_numeric`) compares after `normalize_number` instead. Say which one a result used.
 
-`cosine_length` is the length-aware baseline (§5), `extractive_match` the evaluation metric (§7, a simplified
-stand-in for LightEval's extractive match), `digit_fraction` a toy reward for learning tests.
+`cosine_length` is the length-aware baseline (§5), `extractive_match` the evaluation metric (§7: LightEval's
+extractive match, built on math-verify, reading the `<answer>` tag first), `digit_fraction` a toy reward for
+learning tests.
 `task_rewards` returns every component of a method under its own name, for logging and summing.
 """
 
@@ -21,15 +22,13 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 
 from tinyrl.errors import UserError
 
 SOFT_FORMAT = r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"  # re.match, no DOTALL (reference quirk)
 STRICT_FORMAT = r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$"  # re.match, no DOTALL
 METHODS = ("r1", "cosine", "memory-r", "memory-r+")
-
-_number = re.compile(r"-?\d+(?:\.\d+)?")  # a whole normalised number
-_number_in_text = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")  # "1,000.5", "-3", "42"
 
 
 def extract_answer(text: str) -> str:
@@ -192,66 +191,34 @@ def cosine_length(completions: list[str], correct: list[bool], max_len: int = 20
     return rewards
 
 
-def _boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`, braces balanced; None when absent or unclosed."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
-
-
-def _last_number(text: str) -> str | None:
-    found = _number_in_text.findall(text)
-    return normalize_number(found[-1]) if found else None
-
-
-def numeric_extract(text: str) -> str | None:
-    """The number a completion answers, normalised; None when there is none.
-
-    Order: the last `\\boxed{...}` (whole content if it is a number, else its last number); else the `<answer>`
-    tag content if it is a number; else the last number anywhere in the text.
-
-    >>> numeric_extract("so \\\\boxed{1,000} <answer>7</answer>")
-    '1000'
-    >>> numeric_extract("<answer>$18.00</answer>")
-    '18'
-    >>> numeric_extract("<answer>eighteen</answer> I think 3 or 4")
-    '4'
-    >>> numeric_extract("no number") is None
-    True
-    """
-    boxed = _boxed(text)
-    if boxed is not None:
-        value = normalize_number(boxed)
-        if _number.fullmatch(value):
-            return value
-        value = _last_number(boxed)
-        if value is not None:
-            return value
-    if "<answer>" in text:
-        value = normalize_number(extract_answer(text))
-        if _number.fullmatch(value):
-            return value
-    return _last_number(text)
-
-
 def extractive_match(completions: list[str], answers: list[str] | None = None, **kw) -> list[float]:
-    """1.0 when `numeric_extract` of the completion equals that of the gold answer; unparseable is wrong.
+    """1.0 when math-verify finds the gold answer's value in the completion, else 0.0.
 
-    >>> extractive_match(["The answer is \\\\boxed{72}.", "<answer>72.0</answer>", "no idea"], ["72", "72", "72"])
-    [1.0, 1.0, 0.0]
+    LightEval's GSM8K extractive match (`expr_gold_metric`, the paper's Table 1: the gold read as a plain
+    expression, a completion as an expression or LaTeX with `\\boxed{}` first, numbers equal to 5 decimals),
+    except that the `<answer>` tag's content is read first and the whole completion only when the tag holds nothing
+    math-verify extracts: on the whole text its 'answer ...' anchor reads numbers after `</answer>`. Commas, '$',
+    units, '####', `\\boxed{}` and '18.0' for 18 all count. Its timeouts (5 s per parse and per comparison) use
+    SIGALRM, which only the main thread may set: elsewhere they are off.
+
+    >>> extractive_match(["The answer is 12. (She started with 5 apples.)", "<answer>$1,000</answer> 7"], ["12", "1000"])
+    [1.0, 1.0]
     """
+    # imported here: sympy and math-verify's ANTLR LaTeX parser take ~0.5 s to load, and only evaluation needs them
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
     if answers is None or len(answers) != len(completions):
         raise ValueError("extractive_match needs one gold answer per completion")
+    gold_targets = (ExprExtractionConfig(),)
+    targets = (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0))
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     scores = []
     for text, gold in zip(completions, answers):
-        got, want = numeric_extract(text), numeric_extract(gold)
-        scores.append(1.0 if got is not None and got == want else 0.0)
+        found = parse(extract_answer(text), targets, parsing_timeout=timeout) if "<answer>" in text else []
+        found = found or parse(text, targets, parsing_timeout=timeout)
+        ok = verify(parse(gold, gold_targets, parsing_timeout=timeout), found, float_rounding=5,
+                    timeout_seconds=timeout)
+        scores.append(1.0 if ok else 0.0)
     return scores
 
 
