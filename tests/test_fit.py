@@ -60,7 +60,7 @@ def test_eval_writes_per_example_rows_with_both_metrics(tiny_model, tmp_path):
 
 
 def test_eval_scores_a_known_completion():
-    """run_eval's scoring: exact match on <answer>, extractive match on the last number."""
+    """run_eval's scoring: exact match on <answer> as a string, extractive match by value (math-verify)."""
     from tinyrl import rewards
 
     text = "<reasoning>\n2+2\n</reasoning>\n<answer>\n4.0\n</answer>"
@@ -140,19 +140,18 @@ def test_oom_at_the_floor_is_one_clear_error(tiny_model, tmp_path, monkeypatch):
         loop.fit(cfg, quiet=True)
 
 
-
 def test_oom_messages_name_expandable_segments_on_cuda_with_the_default_allocator(monkeypatch):
     """On CUDA with torch's allocator unconfigured, the back-off warning and the floor error say which setting
     most often avoids fragmentation; on CPU, or once the user has configured the allocator, they do not."""
-    from tinyrl import meter
+    from tinyrl import faults
     from tinyrl.errors import UserError
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert meter.allocator_hint() == ""
+    assert faults.allocator_hint() == ""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert "expandable_segments:True" in meter.allocator_hint()
+    assert "expandable_segments:True" in faults.allocator_hint()
     lines = []
     log = types.SimpleNamespace(echo=lines.append, oom_backoffs=0)
 
@@ -161,10 +160,11 @@ def test_oom_messages_name_expandable_segments_on_cuda_with_the_default_allocato
 
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(UserError, match="micro_batch=1.*expandable_segments:True"):
-        loop.with_oom_backoff(run, Config(task="toy", model="m", micro_batch=2), "micro_batch", log)
+        faults.with_oom_backoff(run, Config(task="toy", model="m", micro_batch=2), "micro_batch", log)
     assert len(lines) == 1 and "micro_batch 2 -> 1" in lines[0] and "expandable_segments:True" in lines[0]
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    assert meter.allocator_hint() == ""
+    assert faults.allocator_hint() == ""
+
 
 def test_eval_every_n_steps_during_fit(tiny_model, tmp_path):
     cfg = Config(task="arith", model=tiny_model, out=str(tmp_path / "run"), steps=2, prompts_per_step=1,

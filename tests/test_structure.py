@@ -33,4 +33,4 @@ def test_stage_modules_do_not_import_each_other():
 
 def test_loop_is_readable_in_one_sitting():
     lines = open(os.path.join(PKG, "loop.py")).read().splitlines()
-    assert len(lines) < 400
+    assert len(lines) < 300

@@ -780,6 +780,21 @@ class Plan:
         """The knob values by Config field name."""
         return {name: getattr(self, name) for name in KNOBS}
 
+    def metrics(self) -> dict[str, int]:
+        """The planned peaks fit logs every step next to the measured ones (docs/metrics.md, plan/*)."""
+        bd = self.breakdown
+        return {"plan/generate": bd.fixed + bd.generation, "plan/train": bd.fixed + bd.training,
+                "plan/device": bd.peak}
+
+
+def plan_for(cfg, geometry: ModelGeometry, prompt_lengths: Iterable[int], caps: DeviceCaps,
+             pins: frozenset[str]) -> Plan:
+    """The plan for a run's Config under its --vram: the knobs in `pins` (set by hand) kept, the settings the
+    planner does not choose (GIVEN) taken as they are, the sentence encoder counted for the memory methods."""
+    return plan(geometry, parse_bytes(cfg.vram), prompt_lengths, caps, {k: getattr(cfg, k) for k in KNOBS if k in pins},
+                base={k: getattr(cfg, k) for k in GIVEN},
+                encoder_bytes=ENCODER_BYTES if cfg.method.startswith("memory") else 0)
+
 
 # Structural levels, most preferred first: 16-bit keeps the paper's numerics (no quantisation error in policy
 # or reference) and is at least as fast; checkpointing changes no numbers, it only costs ~1/3 more training

@@ -10,6 +10,7 @@ unpickled: tensors come back through safetensors or torch.load(weights_only=True
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -240,6 +241,17 @@ def resume(run: str, model, optimizer, memory=None, warn=print) -> dict | None:
         raise UserError(f"{run}: no usable checkpoint ({'; '.join(problems)}); delete {folder(run)} to start over, "
                         "or choose another --out")
     return None
+
+
+def restore(state: dict | None, cfg: Config, scaler) -> tuple[int, Config]:
+    """After `resume`: the step to continue from and the config as the OOM back-off had left it (so the
+    batches split as they would have); the loss scale put back. (0, cfg) for a fresh run."""
+    if state is None:
+        return 0, cfg
+    if scaler and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    knobs = {k: v for k, v in state.get("oom", {}).items() if k != "backoffs"}
+    return state["step"], dataclasses.replace(cfg, **knobs)
 
 
 def load(path: str, model, optimizer, memory=None) -> dict:

@@ -167,7 +167,7 @@ def memory_inspect(run: str = typer.Argument(..., help="A run folder trained wit
           f"{folder_bytes(os.path.join(ckpt, 'memory')) / 2**20:.2f} MiB on disk")
     if not question:
         return
-    enc = encoder.HashingEncoder() if cfg.encoder == "hashing" else encoder.Encoder(cfg.encoder, device="cpu")
+    enc = encoder.load(cfg.encoder)
     traces: dict[str, list[str]] = {}
     for row in meter.read_jsonl(os.path.join(run, "samples.jsonl")):
         traces.setdefault(row.get("question", ""), []).append(row.get("completion", ""))

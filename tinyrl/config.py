@@ -251,14 +251,15 @@ def resume_changes(saved: Config, new: Config, run: str) -> list[str]:
     """The settings `fit --resume` changes, as 'name old -> new'; UserError naming those that cannot change mid-run.
 
     >>> resume_changes(Config(steps=8), Config(steps=12), "runs/a")
-    ['steps 8 -> 12']
+    ['steps 8 -> 12 (the lr schedule follows)']
     """
     changed = [k for k in FIELDS if getattr(saved, k) != getattr(new, k)]
     refused = [f"{k}={getattr(saved, k)!r} (asked {getattr(new, k)!r})" for k in changed if k not in RESUMABLE]
     if refused:
         raise UserError(f"--resume: {run} was trained with {', '.join(refused)}, which cannot change mid-run; "
                         f"only {', '.join(RESUMABLE)} can. Drop the others, or start a new --out")
-    return [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" for k in changed]
+    return [f"{k} {getattr(saved, k)!r} -> {getattr(new, k)!r}" + (" (the lr schedule follows)" if k == "steps" else "")
+            for k in changed]
 
 
 def save(cfg: Config, path: str) -> None:

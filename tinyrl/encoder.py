@@ -152,3 +152,8 @@ class HashingEncoder:
                 out[row] += np.random.default_rng(seed).standard_normal(self.dim)  # [D]
         out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out.astype(np.float32)
+
+
+def load(name: str, device: str = "cpu"):
+    """The encoder a run's `encoder` setting names: `hashing` (no model), else a sentence-transformers model."""
+    return HashingEncoder() if name == "hashing" else Encoder(name, device=device)

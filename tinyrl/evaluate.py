@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from tinyrl import checkpoint, policy, prompts, rewards, tasks
+from tinyrl import budget, checkpoint, policy, prompts, rewards, tasks
 from tinyrl import config as config_mod
 from tinyrl.config import Config
 from tinyrl.errors import UserError
@@ -88,6 +88,13 @@ def report_checkpoints(results: dict[int, dict], run: str, task: str) -> str:
     best, last = best_and_last(results)
     lines += [f"best step {best}: {metrics(results[best])}", f"last step {last}: {metrics(results[last])}"]
     return "\n".join(lines)
+
+
+def during_fit(model, tokenizer, examples: list[Example], cfg: Config) -> dict:
+    """`eval_every`: the held-out metrics under eval/*. One completion per prompt, as many prompts per generate
+    call as a training batch prefills, so evaluation stays inside the --vram plan."""
+    batch_size = budget.prefill_rows(cfg.gen_batch, cfg.group_size)
+    return {f"eval/{k}": v for k, v in run_eval(model, tokenizer, examples, cfg, batch_size=batch_size).items()}
 
 
 def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: str | None = None,

@@ -4,6 +4,7 @@ requests from signals, a deadline judged from measured step times, deterministic
 - `RunLock`: two `fit` processes on one --out would interleave their checkpoints; the second is refused.
 - `StopRequests`: SIGTERM or SIGINT (a notebook's stop button, the end of a session) asks the loop to stop at the
   next step boundary with a checkpoint; a second one stops at once.
+- `with_oom_backoff`: an out-of-memory error halves gen_batch or micro_batch and redoes the same work.
 - `past_deadline`: whether the next step (and a checkpoint) would end after `max_minutes`.
 - `deterministic`: torch's deterministic algorithms while fit runs (deterministic=true).
 - `nonfinite_message`: why fit stops after `max_skipped_steps` non-finite steps in a row.
@@ -12,6 +13,7 @@ requests from signals, a deadline judged from measured step times, deterministic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -153,3 +155,37 @@ def nonfinite_message(skipped: int, metrics: dict, lr: float, dtype: torch.dtype
     return (f"{skipped} steps in a row had a non-finite loss or gradient (last: loss {metrics['loss']}, grad_norm "
             f"{metrics['grad_norm']}) and were skipped; likely causes: {cause}. The last checkpoint "
             f"({kept or 'none yet'}) is kept; start a new --out with other settings")
+
+
+def with_oom_backoff(run, cfg, knob: str, log):
+    """Run `run(cfg)`; on out-of-memory halve `knob` (gen_batch or micro_batch) and run the same work again.
+
+    Nothing is lost: a training retry (`accumulate`) starts from zeroed gradients and comes before the update, and
+    the rollouts of the step are kept. The smaller value stays for the rest of the run. Returns (result, cfg).
+    """
+    while True:
+        try:
+            return run(cfg), cfg
+        except torch.OutOfMemoryError:
+            value = getattr(cfg, knob)
+            hint = allocator_hint()
+            if value == 1:
+                raise UserError(f"out of memory with {knob}=1; lower max_new_tokens or lora_rank, use quant=4bit, or "
+                                f"plan with a smaller --vram{hint} (docs/memory.md: what to try on OOM)")
+            smaller = dataclasses.replace(cfg, **{knob: value // 2})
+            if knob == "micro_batch":
+                smaller = dataclasses.replace(smaller, logprob_chunk=min(cfg.logprob_chunk, value // 2))
+            log.echo(f"warning: out of memory; {knob} {value} -> {value // 2}, retrying the step{hint}")
+            log.oom_backoffs += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            cfg = smaller
+
+
+def allocator_hint() -> str:
+    """For an out-of-memory message on CUDA when torch's allocator has its default settings: the one setting that
+    most often avoids fragmentation (Falcon3-1B at 16 GiB on an H100: 16.0 -> 13.1 GiB on the card, docs/memory.md)."""
+    configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
+    if configured or not torch.cuda.is_available():
+        return ""
+    return "; setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the run often avoids this"

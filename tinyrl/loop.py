@@ -1,4 +1,5 @@
-"""The tinyrl training loop: GRPO (+ Memory-R+) on a LoRA/QLoRA policy. The only module that wires the stages.
+"""The tinyrl training loop: GRPO (+ Memory-R+) on a LoRA/QLoRA policy. With evaluate.py, the only module that wires
+the stages.
 
 One optimizer step, top to bottom in `fit`:
     sample P examples -> render prompts -> generate G completions each -> score (task rewards [+ memory])
@@ -58,15 +59,10 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         run = checkpoint.prepare_run(cfg, resume, total)
         torch.manual_seed(cfg.seed)
         state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=meter.notice)
-        start, cfg = restore(state, cfg, parts.scaler)
-        for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint run again
-            meter.truncate_jsonl(os.path.join(run, name), start)
-        log = meter.Meter(run, total, start, quiet=quiet)
-        log.oom_backoffs = state["oom"]["backoffs"] if state and "oom" in state else 0
+        start, cfg = checkpoint.restore(state, cfg, parts.scaler)
+        log = meter.Meter(run, total, start, quiet=quiet, oom_backoffs=(state or {}).get("oom", {}).get("backoffs", 0))
         if changes:
-            schedule = any(c.startswith("steps ") for c in changes)
-            meter.notice(f"--resume: changed {', '.join(changes)}"
-                         + ("; the lr schedule follows the new total" if schedule else ""))
+            meter.notice(f"--resume: changed {', '.join(changes)}")
         log.echo(f"{'resuming' if state else 'starting'} {run}: {cfg.task} with {cfg.model}, method {cfg.method}, "
                  f"step {start}/{total}, P={cfg.prompts_per_step} G={cfg.group_size} on {parts.device}")
         saved, step_times, save_s, skipped = start, [], 0.0, 0
@@ -83,15 +79,10 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
                     break
                 metrics, cfg = take_step(parts, cfg, train, step, log)
                 step_times.append(metrics["time/step"])
-                if planned:
-                    metrics.update({"plan/generate": planned.breakdown.fixed + planned.breakdown.generation,
-                                    "plan/train": planned.breakdown.fixed + planned.breakdown.training,
-                                    "plan/device": planned.breakdown.peak})
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # one completion per prompt: as many
-                    # prompts per generate call as a training batch prefills, so eval stays inside the plan
-                    batch_size, began = budget.prefill_rows(cfg.gen_batch, cfg.group_size), time.perf_counter()
-                    metrics.update({f"eval/{k}": v for k, v in evaluate.run_eval(
-                        parts.model, parts.tokenizer, held_out, cfg, batch_size=batch_size).items()})
+                metrics.update(planned.metrics() if planned else {})
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                    began = time.perf_counter()
+                    metrics.update(evaluate.during_fit(parts.model, parts.tokenizer, held_out, cfg))
                     step_times[-1] += time.perf_counter() - began  # the deadline counts evaluation too
                 log.log(metrics)
                 skipped = skipped + 1 if metrics["amp/skipped"] else 0
@@ -129,17 +120,16 @@ def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
     if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
-        meter.cap_cuda_memory(budget.parse_bytes(cfg.vram), budget.CUDA_CONTEXT_BYTES, device)
-        outside = meter.cuda_outside_torch(device)
-        if outside > budget.CUDA_CONTEXT_BYTES and not quiet:
-            print(f"note: {meter.human_bytes(outside)} of this GPU is in use outside torch (other processes?); "
-                  f"--vram {cfg.vram} budgets this run only", flush=True)
+        meter.cap_cuda_memory(budget.parse_bytes(cfg.vram), budget.CUDA_CONTEXT_BYTES, device, quiet)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA weights: fp32 whatever the compute dtype
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     fp16 = policy.causal_lm(model).dtype == torch.float16  # fp16 gradients underflow without a loss scale
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
-    enc, mem = memory_setup(cfg, device)  # Memory-R+: the sentence encoder and both episodic memories
+    enc = mem = None
+    if cfg.method.startswith("memory"):  # Memory-R+: the sentence encoder and both episodic memories
+        enc = encoder.load(cfg.encoder, device.type)
+        mem = memory.MemoryState(memory.MemorySettings.from_config(cfg, enc.dim))
     model.train()  # from_pretrained leaves eval mode, in which transformers skips gradient checkpointing
     return Parts(model, tokenizer, device, optimizer, scaler, enc, mem)
 
@@ -155,7 +145,7 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
     rendered = prompts.render(batch, parts.tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
                               seed=cfg.seed, system_prompt=evaluate.system_prompt(cfg.task))
     with meter.phase(timings, peaks, "generate", device):
-        rollouts, cfg = with_oom_backoff(lambda c: policy.generate(
+        rollouts, cfg = faults.with_oom_backoff(lambda c: policy.generate(
             model, parts.tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
             gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
             min_new_tokens=c.min_new_tokens), cfg, "gen_batch", log)
@@ -171,7 +161,7 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
         batch = grpo.train_batch(rollouts, adv)
-        (loss, kl), cfg = with_oom_backoff(
+        (loss, kl), cfg = faults.with_oom_backoff(
             lambda c: accumulate(model, parts.optimizer, batch, c, device, parts.scaler), cfg, "micro_batch", log)
         result = update(parts.optimizer, parts.scaler, cfg.max_grad_norm, loss, kl)
     timings["step"] = time.perf_counter() - started
@@ -190,22 +180,9 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
 def save(run: str, step: int, parts: Parts, cfg: Config, log) -> str:
     """Checkpoint `step` with the loop's own state: the OOM back-off's settings and count, and the loss scale."""
     state = {"oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk,
-                     "backoffs": log.oom_backoffs}}
-    if parts.scaler:
-        state["scaler"] = parts.scaler.state_dict()
-    path = checkpoint.save(run, step, parts.model, parts.optimizer, state, parts.memory, keep=cfg.keep_checkpoints)
-    return os.path.basename(path)
-
-
-def restore(state: dict | None, cfg: Config, scaler) -> tuple[int, Config]:
-    """After checkpoint.resume: the step to continue from and the config as the OOM back-off had left it (so the
-    batches split as they would have); the loss scale put back. (0, cfg) for a fresh run."""
-    if state is None:
-        return 0, cfg
-    if scaler and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    knobs = {k: v for k, v in state.get("oom", {}).items() if k != "backoffs"}
-    return state["step"], dataclasses.replace(cfg, **knobs)
+                     "backoffs": log.oom_backoffs}, **({"scaler": parts.scaler.state_dict()} if parts.scaler else {})}
+    return os.path.basename(checkpoint.save(run, step, parts.model, parts.optimizer, state, parts.memory,
+                                            keep=cfg.keep_checkpoints))
 
 
 def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
@@ -226,39 +203,16 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
         lengths = rendered.attention_mask.sum(-1).tolist()
     except (UserError, OSError, ValueError):
         pass  # no data or tokenizer offline: plan for full-length prompts, the safe side
-    knobs = {k: getattr(cfg, k) for k in budget.KNOBS if k in pins}
-    base = {k: getattr(cfg, k) for k in budget.GIVEN}
-    encoder_bytes = budget.ENCODER_BYTES if cfg.method.startswith("memory") else 0
-    return budget.plan(geometry, budget.parse_bytes(cfg.vram), lengths, caps, knobs, base=base,
-                       encoder_bytes=encoder_bytes)
+    return budget.plan_for(cfg, geometry, lengths, caps, pins)
 
 
 def score(cfg: Config, rollouts: Rollouts) -> Scored:
     """Task rewards for every completion (the toy task has its own), each component under its own name."""
-    g = rollouts.group_size
-    answers = [ex.answer for ex in rollouts.prompts.examples for _ in range(g)]  # [P*G]
-    completions = list(rollouts.completions)
-    if tasks.reward_kind(cfg.task) == "toy":
-        components = {"digits": rewards.digit_fraction(completions)}
-        correct = [False] * len(completions)
-    else:
-        components = rewards.task_rewards(completions, answers, cfg.method, numeric=cfg.numeric_match,
-                                          max_len=cfg.cosine_max_len)
-        correct = rewards.correct_flags(completions, answers, numeric=cfg.numeric_match)
-    tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in components.items()}  # name -> [P*G]
-    return Scored(components=tensors, correct=torch.tensor(correct, dtype=torch.bool))
-
-
-def memory_setup(cfg: Config, device):
-    """The encoder and an empty MemoryState for the memory methods; (None, None) otherwise."""
-    if not cfg.method.startswith("memory"):
-        return None, None
-    enc = encoder.HashingEncoder() if cfg.encoder == "hashing" else encoder.Encoder(cfg.encoder, device=device.type)
-    settings = memory.MemorySettings(
-        dim=enc.dim, k=cfg.memory_k, max_keys=cfg.memory_max_keys, max_values=cfg.memory_max_values,
-        window=cfg.memory_window, explore_warmup=cfg.explore_warmup, order=cfg.memory_order,
-        exploit_weight=cfg.exploit_weight, explore_weight=cfg.explore_weight if cfg.method == "memory-r+" else 0.0)
-    return enc, memory.MemoryState(settings.check())
+    answers = [ex.answer for ex in rollouts.prompts.examples for _ in range(rollouts.group_size)]  # [P*G]
+    components, correct = rewards.score(list(rollouts.completions), answers, tasks.reward_kind(cfg.task),
+                                        cfg.method, numeric=cfg.numeric_match, max_len=cfg.cosine_max_len)
+    return Scored(components={k: torch.tensor(v, dtype=torch.float32) for k, v in components.items()},  # [P*G]
+                  correct=torch.tensor(correct, dtype=torch.bool))
 
 
 def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict]:
@@ -279,39 +233,9 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
     components["exploit"] = torch.from_numpy(s.exploit_weight * out.exploit).float()  # [P*G]
     if s.explore_weight:
         components["explore"] = torch.from_numpy(s.explore_weight * out.explore).float()  # [P*G]
-    sizes = mem.stats()
-    stats = {"memory/exploit_raw": float(out.exploit_raw.mean()), "memory/exploit": float(out.exploit.mean()),
-             "memory/explore_raw": float(out.explore_raw.mean()), "memory/explore": float(out.explore.mean()),
-             "memory/explore_share": float(np.mean(out.explore_on)), "time/memory_encode_ms": encode_ms,
-             "time/memory_recall_ms": out.timing_ms["search"],
-             "time/memory_total_ms": out.timing_ms["total"] + encode_ms,
-             **{f"memory/{k}": v for k, v in sizes.items()}}
+    stats = {**out.metrics(), **{f"memory/{k}": v for k, v in mem.stats().items()},
+             "time/memory_encode_ms": encode_ms, "time/memory_total_ms": out.timing_ms["total"] + encode_ms}
     return Scored(components=components, correct=scored.correct), stats
-
-
-def with_oom_backoff(run, cfg: Config, knob: str, log):
-    """Run `run(cfg)`; on out-of-memory halve `knob` (gen_batch or micro_batch) and run the same work again.
-
-    Nothing is lost: a training retry (`accumulate`) starts from zeroed gradients and comes before the update, and
-    the rollouts of the step are kept. The smaller value stays for the rest of the run. Returns (result, cfg).
-    """
-    while True:
-        try:
-            return run(cfg), cfg
-        except torch.OutOfMemoryError:
-            value = getattr(cfg, knob)
-            hint = meter.allocator_hint()
-            if value == 1:
-                raise UserError(f"out of memory with {knob}=1; lower max_new_tokens or lora_rank, use quant=4bit, or "
-                                f"plan with a smaller --vram{hint} (docs/memory.md: what to try on OOM)")
-            smaller = dataclasses.replace(cfg, **{knob: value // 2})
-            if knob == "micro_batch":
-                smaller = dataclasses.replace(smaller, logprob_chunk=min(cfg.logprob_chunk, value // 2))
-            log.echo(f"warning: out of memory; {knob} {value} -> {value // 2}, retrying the step{hint}")
-            log.oom_backoffs += 1
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            cfg = smaller
 
 
 def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None) -> StepResult:

@@ -160,6 +160,14 @@ class MemorySettings:
     # (64: 0.996 / 1.0 at 0.57 ms; int8 alone stays ~0.85-0.94 at any width), see bench/results/memory.json
     rerank: int = 16  # extra index candidates fetched per query and re-ranked by exact cosine
 
+    @classmethod
+    def from_config(cls, cfg, dim: int) -> MemorySettings:
+        """The memory settings of a run's Config, checked; explore is off (weight 0) unless the method is memory-r+."""
+        return cls(dim=dim, k=cfg.memory_k, max_keys=cfg.memory_max_keys, max_values=cfg.memory_max_values,
+                   window=cfg.memory_window, explore_warmup=cfg.explore_warmup, order=cfg.memory_order,
+                   exploit_weight=cfg.exploit_weight,
+                   explore_weight=cfg.explore_weight if cfg.method == "memory-r+" else 0.0).check()
+
     def check(self) -> MemorySettings:
         """Raise UserError for settings no run can use."""
         if self.order not in ORDERS:
@@ -497,6 +505,13 @@ class MemoryRewards:
     explore_on: np.ndarray  # [N] bool, failure memory past its warm-up when this completion read it
     total: np.ndarray  # [N] float64, exploit_weight · exploit + explore_weight · explore
     timing_ms: dict[str, float]  # plan, search, reward, write, total
+
+    def metrics(self) -> dict[str, float]:
+        """The step's means, for the log (docs/metrics.md: memory/*)."""
+        return {"memory/exploit_raw": float(self.exploit_raw.mean()), "memory/exploit": float(self.exploit.mean()),
+                "memory/explore_raw": float(self.explore_raw.mean()), "memory/explore": float(self.explore.mean()),
+                "memory/explore_share": float(np.mean(self.explore_on)),
+                "time/memory_recall_ms": self.timing_ms["search"]}
 
 
 @dataclass(frozen=True)

@@ -89,22 +89,18 @@ def cuda_outside_torch(device: torch.device) -> int:
     return max(0, total - free - int(torch.cuda.memory_reserved(device)))
 
 
-def allocator_hint() -> str:
-    """For an out-of-memory message on CUDA when torch's allocator has its default settings: the one setting that
-    most often avoids fragmentation (Falcon3-1B at 16 GiB on an H100: 16.0 -> 13.1 GiB on the card, docs/memory.md)."""
-    configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
-    if configured or not torch.cuda.is_available():
-        return ""
-    return "; setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the run often avoids this"
-
-
-def cap_cuda_memory(vram_bytes: int, context: int, device) -> None:
+def cap_cuda_memory(vram_bytes: int, context: int, device, quiet: bool = False) -> None:
     """Cap torch's allocator so that it plus what lives outside it (the CUDA context) stays within vram_bytes:
     on a bigger card the run then backs off or fails where the smaller card would. Near the cap the allocator
-    returns cached blocks to the driver before it fails, which costs speed, not correctness."""
+    returns cached blocks to the driver before it fails, which costs speed, not correctness. Says so when more
+    than the context is in use outside torch already (other processes): the budget is this run's alone."""
     index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index here
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (vram_bytes - context) / total)), index)
+    outside = cuda_outside_torch(device)
+    if outside > context and not quiet:
+        print(f"note: {human_bytes(outside)} of this GPU is in use outside torch (other processes?); the memory "
+              "budget covers this run only", flush=True)
 
 
 # --- collapse indicators ------------------------------------------------------------------------
@@ -200,11 +196,13 @@ def step_line(m: dict, total: int) -> str:
 class Meter:
     """Writes metrics.jsonl / samples.jsonl in the run folder and shows progress (a bar on a terminal)."""
 
-    def __init__(self, out: str, total: int, start: int, quiet: bool = False):
+    def __init__(self, out: str, total: int, start: int, quiet: bool = False, oom_backoffs: int = 0):
         self.out, self.total = out, total
+        for name in ("metrics.jsonl", "samples.jsonl"):  # on resume: the steps after the checkpoint run again
+            truncate_jsonl(os.path.join(out, name), start)
         self.history: list[dict] = read_jsonl(os.path.join(out, "metrics.jsonl"))
         self.warned: set[str] = set()
-        self.oom_backoffs = 0  # times an out-of-memory error halved gen_batch or micro_batch in this run
+        self.oom_backoffs = oom_backoffs  # times an out-of-memory error halved gen_batch or micro_batch in this run
         self.pending_samples: list[dict] = []  # the last step's sample rows, written when it is a sampling step
         self.quiet = quiet
         self.progress = None

@@ -260,3 +260,17 @@ def task_rewards(
     if method == "cosine":
         components["cosine"] = cosine_length(completions, flags, max_len=max_len)
     return components
+
+
+def score(completions: list[str], answers: list[str], kind: str, method: str, numeric: bool = False,
+          max_len: int = 200) -> tuple[dict[str, list[float]], list[bool]]:
+    """Every completion's rewards, each component under its own name, and which ones are correct: the toy task's
+    digit share (never correct), or the task rewards of `method` (`task_rewards`).
+
+    >>> score(["12", "ab"], ["", ""], "toy", "r1")
+    ({'digits': [1.0, 0.0]}, [False, False])
+    """
+    if kind == "toy":
+        return {"digits": digit_fraction(completions)}, [False] * len(completions)
+    return (task_rewards(completions, answers, method, numeric=numeric, max_len=max_len),
+            correct_flags(completions, answers, numeric=numeric))
