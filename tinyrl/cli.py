@@ -182,13 +182,36 @@ def folder_bytes(path: str) -> int:
 
 
 @app.command()
-def report(run: str = typer.Argument(..., help="A run folder.")):
-    """What a run learned: reward curves (first vs last steps) and sample completions."""
+def report(runs: List[str] = typer.Argument(..., help="One or more run folders (several: overlaid in the plots)."),
+           plots: bool = typer.Option(True, "--plots/--no-plots", help="Also write PNG plots (needs matplotlib)."),
+           out: Optional[str] = typer.Option(None, help="Folder for the PNGs (default RUN/plots, or for several "
+                                                         "runs FIRST/plots-vs-SECOND-...).")):
+    """What runs learned: reward curves (first vs last steps) and sample completions, and PNG plots of rewards,
+    correctness, held-out accuracy, length, KL, memory, time and peak memory per phase."""
     from tinyrl import meter
+    from tinyrl import plots as plots_mod
 
-    if not os.path.exists(os.path.join(run, "metrics.jsonl")):
-        raise UserError(f"{run}: no metrics.jsonl; is it a run folder?")
-    print(meter.report(run))
+    for run in runs:
+        if not os.path.exists(os.path.join(run, "metrics.jsonl")):
+            raise UserError(f"{run}: no metrics.jsonl; is it a run folder?")
+    for run in runs:
+        print(meter.report(run))
+    if not plots:
+        return
+    if not plots_mod.available():
+        print("note: no plots: pip install 'tinyrl[plots]' (matplotlib) to get PNGs", file=sys.stderr)
+        return
+    labels = {}
+    for run in runs:
+        saved = os.path.join(run, "config.json")
+        method = config_mod.load(saved).method if os.path.exists(saved) else "?"
+        label = f"{os.path.basename(os.path.normpath(run))} ({method})"
+        labels[label if label not in labels else f"{os.path.normpath(run)} ({method})"] = meter.read_jsonl(
+            os.path.join(run, "metrics.jsonl"))
+    names = [os.path.basename(os.path.normpath(run)) for run in runs[1:]]
+    folder = out or os.path.join(runs[0], "plots" + "".join(f"-vs-{n}" for n in names))
+    for path in plots_mod.write(labels, folder):
+        print(f"wrote {path}")
 
 
 @app.command()
