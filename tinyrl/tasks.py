@@ -4,22 +4,28 @@
   (or a folder holding `{split}.jsonl` / `{split}.parquet`) with GSM8K's `question` and `answer` fields.
   `Example.answer` is the gold answer: the text after the first '####' up to a second one, stripped (the same
   rule as `rewards.gold_answer`, repeated here because stage modules do not import each other).
-- `arith`: offline synthetic multi-step arithmetic word problems (2-4 operations, small positive integers),
-  GSM8K-sized (7473 train, 1319 test); the gold answer is the integer result.
+- `arith`: offline synthetic multi-step arithmetic word problems, GSM8K-sized (7473 train, 1319 test); the gold
+  answer is the integer result (positive). Difficulty: `ops`, the operations per problem (default 2-4), and
+  `largest`, the largest number written in a problem (default 90, the generator's full ranges; a smaller one caps
+  every number drawn, and lowers the low end of a range above largest // 9 to it, so numbers stay varied).
 - `toy`: "write some digits" prompts with an empty gold answer, for the `digit_fraction` toy reward.
 
 Generated tasks are a pure function of (split, seed): train uses seed 2*seed, test 2*seed+1, and arith test
-problems that also occur in train are dropped. Pass the same data seed to compare evaluations across runs.
+problems that also occur in train are dropped (more are drawn until the split is full). Pass the same data seed,
+and the same arith difficulty, to compare evaluations across runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import random
 from pathlib import Path
 
 from tinyrl import hub
+from tinyrl.config import arith_difficulty
 from tinyrl.errors import UserError
 from tinyrl.types import Example
 
@@ -30,6 +36,7 @@ TASKS = {
 }
 _REWARD_KIND = {"gsm8k": "gsm8k", "arith": "gsm8k", "toy": "toy"}
 _SIZES = {"arith": {"train": 7473, "test": 1319}, "toy": {"train": 1000, "test": 100}}
+_MAX_DRAWS = 20  # a test split draws at most this many problems per one it keeps (the rest repeat train's)
 
 
 def _gold(answer_field: str) -> str:
@@ -129,15 +136,21 @@ _GOODS = ["notebooks", "pens", "snacks", "stamps", "postcards"]
 _HANDMADE = ["drawings", "cupcakes", "bracelets", "birdhouses", "old comics"]
 
 
-def _items_problem(rng: random.Random, ops: int) -> tuple[str, int]:
+def _number(rng: random.Random, low: int, high: int, largest: int) -> int:
+    """A number from [low, high] capped at `largest` (>= 10): high becomes at most largest, and low at most
+    max(2, largest // 9). With largest = 90 (or more) every range stays as written, the same draws as before."""
+    return rng.randint(min(low, max(2, largest // 9)), min(high, largest))
+
+
+def _items_problem(rng: random.Random, ops: int, largest: int = 90) -> tuple[str, int]:
     name, he, him, his = rng.choice(_NAMES)
     items = rng.choice(_ITEMS)
     plural, single = rng.choice(_CONTAINERS)
     if rng.random() < 0.5:
-        total = rng.randint(5, 60)
+        total = _number(rng, 5, 60, largest)
         lines = [rng.choice([f"{name} has {total} {items}.", f"{name} starts with {total} {items}."])]
     else:
-        k, m = rng.randint(2, 6), rng.randint(2, 12)
+        k, m = _number(rng, 2, 6, largest), _number(rng, 2, 12, largest)
         total, ops = k * m, ops - 1
         lines = [f"{name} buys {k} {plural} with {m} {items} in each {single}."]
     while ops > 0:
@@ -152,11 +165,11 @@ def _items_problem(rng: random.Random, ops: int) -> tuple[str, int]:
             steps.append("add_groups")
         step = rng.choice(steps)
         if step == "add":
-            n = rng.randint(2, 30)
+            n = _number(rng, 2, 30, largest)
             total += n
             lines.append(rng.choice([f"{he} finds {n} more {items}.", f"A friend gives {him} {n} more {items}."]))
         elif step == "sub":
-            n = rng.randint(1, min(total - 1, 30))
+            n = _number(rng, 1, min(total - 1, 30), largest)
             total -= n
             lines.append(rng.choice([
                 f"{he} gives {n} {items} to a neighbour.", f"{he} loses {n} {items}.", f"{he} uses {n} {items}.",
@@ -169,7 +182,7 @@ def _items_problem(rng: random.Random, ops: int) -> tuple[str, int]:
             total *= factor
             lines.append(f"{he} ends up with {['twice', 'three times'][factor - 2]} as many {items} as before.")
         else:
-            k, m = rng.randint(2, 5), rng.randint(2, 10)
+            k, m = _number(rng, 2, 5, largest), _number(rng, 2, 10, largest)
             total += k * m
             lines.append(f"Then {he.lower()} buys {k} {plural} with {m} {items} in each {single}.")
         ops -= 2 if step == "add_groups" else 1
@@ -177,13 +190,13 @@ def _items_problem(rng: random.Random, ops: int) -> tuple[str, int]:
     return " ".join(lines), total
 
 
-def _money_problem(rng: random.Random, ops: int) -> tuple[str, int]:
+def _money_problem(rng: random.Random, ops: int, largest: int = 90) -> tuple[str, int]:
     name, he, _, his = rng.choice(_NAMES)
     if rng.random() < 0.5:
-        total = rng.randint(10, 90)
+        total = _number(rng, 10, 90, largest)
         lines = [f"{name} has ${total}."]
     else:
-        rate, hours = rng.randint(5, 20), rng.randint(2, 8)
+        rate, hours = _number(rng, 5, 20, largest), _number(rng, 2, 8, largest)
         total, ops = rate * hours, ops - 1
         lines = [f"{name} earns ${rate} an hour and works {hours} hours."]
     while ops > 0:
@@ -198,23 +211,23 @@ def _money_problem(rng: random.Random, ops: int) -> tuple[str, int]:
                 steps.append("buy")
         step = rng.choice(steps)
         if step == "earn":
-            n = rng.randint(3, 40)
+            n = _number(rng, 3, 40, largest)
             total += n
             lines.append(rng.choice([f"{he} earns ${n} {rng.choice(_JOBS)}.", f"{he} gets ${n} as a present."]))
         elif step == "spend":
-            n = rng.randint(1, min(total - 1, 40))
+            n = _number(rng, 1, min(total - 1, 40), largest)
             total -= n
             lines.append(f"{he} spends ${n} on {rng.choice(_THINGS)}.")
         elif step == "half":
             total //= 2
             lines.append(f"{he} puts half of {his} money in a savings account.")
         elif step == "sell":
-            k, m = rng.randint(2, 6), rng.randint(2, 9)
+            k, m = _number(rng, 2, 6, largest), _number(rng, 2, 9, largest)
             total += k * m
             lines.append(f"{he} sells {k} {rng.choice(_HANDMADE)} for ${m} each.")
         else:
-            m = rng.randint(1, min(9, (total - 1) // 2))
-            k = rng.randint(2, max(2, min(6, (total - 1) // m)))
+            m = _number(rng, 1, min(9, (total - 1) // 2), largest)
+            k = _number(rng, 2, max(2, min(6, (total - 1) // m)), largest)
             total -= k * m
             lines.append(f"{he} buys {k} {rng.choice(_GOODS)} for ${m} each.")
         ops -= 2 if step in ("sell", "buy") else 1
@@ -224,20 +237,26 @@ def _money_problem(rng: random.Random, ops: int) -> tuple[str, int]:
     return " ".join(lines), total
 
 
-def synthetic_arithmetic(n: int, seed: int) -> list[Example]:
-    """n arithmetic word problems of 2-4 operations on small positive integers; same seed, same list.
+def _arith_stream(seed: int, ops: tuple[int, int], largest: int):
+    """Endless arithmetic problems under `seed`: any n of them are the first n of synthetic_arithmetic."""
+    rng = random.Random(seed)
+    for i in itertools.count():
+        make = rng.choice([_items_problem, _money_problem])
+        question, total = make(rng, rng.randint(*ops), largest)
+        yield Example(question=question, answer=str(total), index=i)
+
+
+def synthetic_arithmetic(n: int, seed: int, ops: tuple[int, int] = (2, 4), largest: int = 90) -> list[Example]:
+    """n arithmetic word problems of ops[0]..ops[1] operations on positive integers up to `largest` (10-90);
+    same arguments, same list.
 
     >>> first = synthetic_arithmetic(3, seed=0)
     >>> first == synthetic_arithmetic(3, seed=0) and all(ex.answer.isdigit() for ex in first)
     True
+    >>> synthetic_arithmetic(1, seed=3, ops=(1, 1), largest=10)[0].question
+    'Ben starts with 9 cookies. He ends up with twice as many cookies as before. How many cookies does Ben have now?'
     """
-    rng = random.Random(seed)
-    examples = []
-    for i in range(n):
-        make = rng.choice([_items_problem, _money_problem])
-        question, total = make(rng, rng.randint(2, 4))
-        examples.append(Example(question=question, answer=str(total), index=i))
-    return examples
+    return list(itertools.islice(_arith_stream(seed, ops, largest), n))
 
 
 _TOY_PROMPTS = [
@@ -247,14 +266,19 @@ _TOY_PROMPTS = [
 ]
 
 
+def _toy_stream(seed: int):
+    rng = random.Random(seed)
+    for i in itertools.count():
+        yield Example(question=rng.choice(_TOY_PROMPTS), answer="", index=i)
+
+
 def toy_digits(n: int, seed: int) -> list[Example]:
     """n 'write some digits' prompts with an empty gold answer; same seed, same list.
 
     >>> [ex.answer for ex in toy_digits(2, seed=0)]
     ['', '']
     """
-    rng = random.Random(seed)
-    return [Example(question=rng.choice(_TOY_PROMPTS), answer="", index=i) for i in range(n)]
+    return list(itertools.islice(_toy_stream(seed), n))
 
 
 def reward_kind(task: str) -> str:
@@ -268,10 +292,13 @@ def reward_kind(task: str) -> str:
     return _REWARD_KIND[task]
 
 
-def load_task(name: str, data: str | None, split: str, seed: int, limit: int | None) -> list[Example]:
+def load_task(name: str, data: str | None, split: str, seed: int, limit: int | None, arith_ops: str = "2-4",
+              arith_max: int = 90) -> list[Example]:
     """The examples of task `name` for `split` ("train"/"test"), first `limit` of them when given.
 
-    `data` (a local file or folder) applies to gsm8k only; `seed` picks the generated data of arith and toy.
+    `data` (a local file or folder) applies to gsm8k only; `seed` picks the generated data of arith and toy;
+    `arith_ops` ("N" or "A-B" operations) and `arith_max` (the largest number written) set arith's difficulty.
+    A test split is the first problems under its own seed that are not in the train split of the same settings.
 
     >>> [ex.index for ex in load_task("toy", None, "train", seed=0, limit=3)]
     [0, 1, 2]
@@ -287,14 +314,22 @@ def load_task(name: str, data: str | None, split: str, seed: int, limit: int | N
             raise UserError(f"--data applies to the gsm8k task only, not to {name!r}")
         if split not in _SIZES[name]:
             raise UserError(f"unknown split {split!r} for task {name!r}; valid splits: train, test")
-        make = synthetic_arithmetic if name == "arith" else toy_digits
+        if name == "arith":
+            ops = arith_difficulty(arith_ops, arith_max)
+            stream = functools.partial(_arith_stream, ops=ops, largest=arith_max)
+        else:
+            stream = _toy_stream
         size = _SIZES[name][split]
         if split == "train":
-            examples = make(size, 2 * seed)
+            examples = list(itertools.islice(stream(2 * seed), size))
         else:
-            train = make(_SIZES[name]["train"], 2 * seed) if name == "arith" else []
+            train = itertools.islice(stream(2 * seed), _SIZES[name]["train"]) if name == "arith" else []
             seen = {ex.question for ex in train}
-            fresh = [ex for ex in make(2 * size, 2 * seed + 1) if ex.question not in seen][:size]
+            drawn = itertools.islice(stream(2 * seed + 1), _MAX_DRAWS * size)  # a bound for tiny problem spaces
+            fresh = list(itertools.islice((ex for ex in drawn if ex.question not in seen), size))
+            if len(fresh) < size:
+                raise UserError(f"arith_ops={arith_ops} arith_max={arith_max}: too few distinct problems for a test "
+                                f"split disjoint from train; raise arith_max or arith_ops")
             examples = [Example(question=ex.question, answer=ex.answer, index=i) for i, ex in enumerate(fresh)]
     return examples[:limit] if limit is not None else examples
 
