@@ -1,5 +1,6 @@
 """Task loading: GSM8K files (good and malformed), the hub error, and the generated tasks."""
 
+import inspect
 import json
 import re
 import sys
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyrl import rewards, tasks
+from tinyrl import config, rewards, tasks
+from tinyrl.config import Config
 from tinyrl.errors import UserError
 from tinyrl.types import Example
 
@@ -204,3 +206,90 @@ def test_load_task_user_errors():
         tasks.load_task("toy", None, "validation", seed=0, limit=None)
     with pytest.raises(UserError, match="limit"):
         tasks.load_task("toy", None, "train", seed=0, limit=0)
+
+
+# --- arith difficulty: arith_ops (operations per problem) and arith_max (largest number written) ---------------
+
+
+def numbers(question: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", question)]
+
+
+def test_arith_default_difficulty_is_unchanged():
+    # the default draws are those from before the settings existed: the first train problem under seed 0, pinned
+    first = tasks.load_task("arith", None, "train", seed=0, limit=1)[0]
+    assert solve(first.question) == (int(first.answer), 3)
+    assert (first.question, first.answer) == (FIRST_DEFAULT, "9")  # 75 - 4 * 7 - 38
+    assert tasks.synthetic_arithmetic(50, seed=4) == tasks.synthetic_arithmetic(50, seed=4, ops=(2, 4), largest=90)
+    assert tasks.load_task("arith", None, "test", seed=0, limit=50) == tasks.load_task(
+        "arith", None, "test", seed=0, limit=50, arith_ops="2-4", arith_max=90)
+    # load_task's defaults are Config's
+    defaults = inspect.signature(tasks.load_task).parameters
+    assert (defaults["arith_ops"].default, defaults["arith_max"].default) == (Config().arith_ops, Config().arith_max)
+
+
+FIRST_DEFAULT = ("Ava has $75. She buys 4 stamps for $7 each. She spends $38 on lunch. "
+                 "How many dollars does Ava have left?")
+
+
+def test_one_operation_problems_by_hand():
+    # seed 0, one operation, numbers up to 10: $10 - $7 = $3
+    ex = tasks.synthetic_arithmetic(1, seed=0, ops=(1, 1), largest=10)[0]
+    assert ex.question == "Ava has $10. She spends $7 on a movie ticket. How much money, in dollars, does Ava have now?"
+    assert ex.answer == "3"
+
+
+@pytest.mark.parametrize("largest", [10, 20, 50, 90])
+def test_one_operation_problems_have_one_operation_small_numbers_and_right_answers(largest):
+    examples = tasks.load_task("arith", None, "train", seed=3, limit=400, arith_ops="1", arith_max=largest)
+    kinds = set()
+    for ex in examples:
+        total, ops = solve(ex.question)  # the independent reading above: every sentence one known operation
+        assert ops == 1, ex.question
+        assert ex.answer == str(total) and ex.answer.isdigit() and int(ex.answer) > 0, ex.question
+        assert rewards.gold_answer(f"so the answer is\n#### {ex.answer}") == ex.answer  # GSM8K's '#### N'
+        assert max(numbers(ex.question)) <= largest, ex.question
+        kinds.add(re.split(r"(?<=[.?]) ", ex.question)[-2].split()[1])  # the verb of the one operation
+    assert len(kinds) >= 5  # add, subtract, multiply, halve, double ... all occur
+    if largest < 90:  # a cap below the full ranges binds many of them: it is reached, not just respected
+        assert max(max(numbers(ex.question)) for ex in examples) == largest
+
+
+def test_arith_ops_range_and_count():
+    for spec, allowed in [("2-3", {2, 3}), ("5", {5}), ("1-2", {1, 2})]:
+        examples = tasks.load_task("arith", None, "train", seed=1, limit=200, arith_ops=spec, arith_max=30)
+        seen = {solve(ex.question)[1] for ex in examples}
+        assert seen == allowed, spec
+        assert all(max(numbers(ex.question)) <= 30 for ex in examples)
+
+
+@pytest.mark.parametrize("ops, largest", [("1", 10), ("2", 20)])
+def test_arith_difficulty_splits_are_disjoint_full_and_deterministic(ops, largest):
+    train = tasks.load_task("arith", None, "train", seed=0, limit=None, arith_ops=ops, arith_max=largest)
+    test = tasks.load_task("arith", None, "test", seed=0, limit=None, arith_ops=ops, arith_max=largest)
+    assert (len(train), len(test)) == (7473, 1319)
+    assert not {ex.question for ex in train} & {ex.question for ex in test}
+    assert [ex.index for ex in test] == list(range(len(test)))
+    assert test == tasks.load_task("arith", None, "test", seed=0, limit=None, arith_ops=ops, arith_max=largest)
+    assert test[:20] != tasks.load_task("arith", None, "test", seed=1, limit=20, arith_ops=ops, arith_max=largest)
+    assert test[:20] != tasks.load_task("arith", None, "test", seed=0, limit=20)  # the difficulty changes the data
+
+
+@pytest.mark.parametrize("ops, largest, words", [
+    ("0", 90, "arith_ops='0'"), ("9", 90, "1 <= A <= B <= 8"), ("3-2", 90, "range A-B"), ("two", 90, "count N"),
+    ("1", 9, "arith_max must be from 10 to 90"), ("1", 91, "(got 91)"),
+])
+def test_bad_arith_difficulty_is_one_line_user_error(ops, largest, words):
+    with pytest.raises(UserError) as err:
+        tasks.load_task("arith", None, "train", seed=0, limit=5, arith_ops=ops, arith_max=largest)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError) as err:  # the same check when the settings are given: fit and eval refuse at once
+        config.apply_overrides(Config(), [f"arith_ops={ops}", f"arith_max={largest}"])
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_few_distinct_problems_for_a_disjoint_test_split(monkeypatch):
+    monkeypatch.setattr(tasks, "_MAX_DRAWS", 1)  # a draw budget a repeat-prone space cannot fill
+    with pytest.raises(UserError, match="too few distinct problems") as err:
+        tasks.load_task("arith", None, "test", seed=0, limit=5, arith_ops="1", arith_max=10)
+    assert "\n" not in str(err.value)

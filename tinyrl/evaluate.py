@@ -23,7 +23,7 @@ def system_prompt(task: str) -> str:
 
 def evaluate(cfg: Config, adapter: str | None, limit: int | None, out_path: str | None) -> dict:
     """`tinyrl eval`: greedy completions on the test split; exact match on <answer> and extractive match."""
-    examples = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, limit)
+    examples = tasks.for_run(cfg, "test", limit)
     model, tokenizer, _ = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=adapter)
@@ -41,7 +41,7 @@ def evaluate_checkpoints(cfg: Config, run: str, limit: int | None) -> dict[int, 
     paths = [p for p in paths if os.path.exists(os.path.join(p, "state.json"))]  # written last: complete
     if not paths:
         raise UserError(f"--adapter {run}: the run has no checkpoint yet")
-    examples = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, limit)
+    examples = tasks.for_run(cfg, "test", limit)
     model, tokenizer, _ = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=paths[0])

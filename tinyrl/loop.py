@@ -48,8 +48,8 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with faults.RunLock(cfg.out) as lock, faults.StopRequests() as stops, faults.deterministic(cfg.deterministic):
-        train = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, None)
-        held_out = tasks.load_task(cfg.task, cfg.data, "test", cfg.seed, cfg.eval_limit) if cfg.eval_every else []
+        train = tasks.for_run(cfg, "train", None)
+        held_out = tasks.for_run(cfg, "test", cfg.eval_limit) if cfg.eval_every else []
         total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
         changes, _ = checkpoint.check_run(cfg, resume, total)  # refused before minutes of loading, not after
         random.seed(cfg.seed)
@@ -196,7 +196,7 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
         geometry = dataclasses.replace(geometry, full_attention=False)
     lengths = [cfg.max_prompt_tokens]
     try:
-        sample = tasks.load_task(cfg.task, cfg.data, "train", cfg.seed, 64)
+        sample = tasks.for_run(cfg, "train", 64)
         tokenizer = policy.load_tokenizer(policy.resolve_model(cfg.model))
         rendered = prompts.render(sample, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
                                   seed=cfg.seed, system_prompt=evaluate.system_prompt(cfg.task))

@@ -7,7 +7,7 @@
 - `arith`: offline synthetic multi-step arithmetic word problems, GSM8K-sized (7473 train, 1319 test); the gold
   answer is the integer result (positive). Difficulty: `ops`, the operations per problem (default 2-4), and
   `largest`, the largest number written in a problem (default 90, the generator's full ranges; a smaller one caps
-  every number drawn, and lowers the low end of a range above largest // 9 to it, so numbers stay varied).
+  every number drawn at it, and each range's low end at max(2, largest // 9), so numbers stay varied).
 - `toy`: "write some digits" prompts with an empty gold answer, for the `digit_fraction` toy reward.
 
 Generated tasks are a pure function of (split, seed): train uses seed 2*seed, test 2*seed+1, and arith test
@@ -253,8 +253,8 @@ def synthetic_arithmetic(n: int, seed: int, ops: tuple[int, int] = (2, 4), large
     >>> first = synthetic_arithmetic(3, seed=0)
     >>> first == synthetic_arithmetic(3, seed=0) and all(ex.answer.isdigit() for ex in first)
     True
-    >>> synthetic_arithmetic(1, seed=3, ops=(1, 1), largest=10)[0].question
-    'Ben starts with 9 cookies. He ends up with twice as many cookies as before. How many cookies does Ben have now?'
+    >>> [(ex.question, ex.answer) for ex in synthetic_arithmetic(1, seed=0, ops=(1, 1), largest=10)]
+    [('Ava has $10. She spends $7 on a movie ticket. How much money, in dollars, does Ava have now?', '3')]
     """
     return list(itertools.islice(_arith_stream(seed, ops, largest), n))
 
@@ -290,6 +290,11 @@ def reward_kind(task: str) -> str:
     if task not in _REWARD_KIND:
         raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     return _REWARD_KIND[task]
+
+
+def for_run(cfg, split: str, limit: int | None) -> list[Example]:
+    """`load_task` with a run's settings (a Config: task, data, seed, arith_ops, arith_max)."""
+    return load_task(cfg.task, cfg.data, split, cfg.seed, limit, cfg.arith_ops, cfg.arith_max)
 
 
 def load_task(name: str, data: str | None, split: str, seed: int, limit: int | None, arith_ops: str = "2-4",
