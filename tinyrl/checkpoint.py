@@ -50,9 +50,9 @@ def check_run(cfg: Config, resume: bool, total: int) -> tuple[list[str], int]:
                             "pass --resume to continue it (steps, cadences and deadline may change), or choose "
                             "another --out")
         changes = config_mod.resume_changes(saved, cfg, run)
-    elif latest_name(run):
-        raise UserError(f"{run} has checkpoints but no config.json; choose another --out")
     named = latest_name(run)  # the step resumed from, unless that checkpoint turns out damaged
+    if named and not os.path.exists(saved_path):
+        raise UserError(f"{run} has checkpoints but no config.json; choose another --out")
     done = int(named[5:]) if named and named[5:].isdigit() else max(steps(run), default=0)
     if total < done:
         raise UserError(f"{run} has a checkpoint at step {done}, past --steps {total}; pass --steps {done} or more")
@@ -243,15 +243,15 @@ def resume(run: str, model, optimizer, memory=None, warn=print) -> dict | None:
     return None
 
 
-def restore(state: dict | None, cfg: Config, scaler) -> tuple[int, Config]:
-    """After `resume`: the step to continue from and the config as the OOM back-off had left it (so the
-    batches split as they would have); the loss scale put back. (0, cfg) for a fresh run."""
+def restore(state: dict | None, cfg: Config, scaler) -> tuple[int, Config, int]:
+    """After `resume`: the step to continue from, the config as the OOM back-off had left it (so the batches
+    split as they would have) and its count of back-offs; the loss scale put back. (0, cfg, 0) for a fresh run."""
     if state is None:
-        return 0, cfg
+        return 0, cfg, 0
     if scaler and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     knobs = {k: v for k, v in state.get("oom", {}).items() if k != "backoffs"}
-    return state["step"], dataclasses.replace(cfg, **knobs)
+    return state["step"], dataclasses.replace(cfg, **knobs), state.get("oom", {}).get("backoffs", 0)
 
 
 def load(path: str, model, optimizer, memory=None) -> dict:

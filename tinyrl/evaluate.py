@@ -23,11 +23,16 @@ def system_prompt(task: str) -> str:
 
 def evaluate(cfg: Config, adapter: str | None, limit: int | None, out_path: str | None) -> dict:
     """`tinyrl eval`: greedy completions on the test split; exact match on <answer> and extractive match."""
-    examples = tasks.for_run(cfg, "test", limit)
+    model, tokenizer = load(cfg, adapter)
+    return run_eval(model, tokenizer, tasks.for_run(cfg, "test", limit), cfg, out_path, progress=True)
+
+
+def load(cfg: Config, adapter: str | None):
+    """The policy to evaluate: the run's base model with a saved adapter (or none), without checkpointing."""
     model, tokenizer, _ = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=adapter)
-    return run_eval(model, tokenizer, examples, cfg, out_path, progress=True)
+    return model, tokenizer
 
 
 def evaluate_checkpoints(cfg: Config, run: str, limit: int | None) -> dict[int, dict]:
@@ -42,9 +47,7 @@ def evaluate_checkpoints(cfg: Config, run: str, limit: int | None) -> dict[int, 
     if not paths:
         raise UserError(f"--adapter {run}: the run has no checkpoint yet")
     examples = tasks.for_run(cfg, "test", limit)
-    model, tokenizer, _ = policy.load_policy(
-        cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=paths[0])
+    model, tokenizer = load(cfg, paths[0])
     results = {}
     for path in paths:
         step = int(os.path.basename(path)[5:])

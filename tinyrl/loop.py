@@ -59,8 +59,8 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         run = checkpoint.prepare_run(cfg, resume, total)
         torch.manual_seed(cfg.seed)
         state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=meter.notice)
-        start, cfg = checkpoint.restore(state, cfg, parts.scaler)
-        log = meter.Meter(run, total, start, quiet=quiet, oom_backoffs=(state or {}).get("oom", {}).get("backoffs", 0))
+        start, cfg, backoffs = checkpoint.restore(state, cfg, parts.scaler)
+        log = meter.Meter(run, total, start, quiet=quiet, oom_backoffs=backoffs)
         if changes:
             meter.notice(f"--resume: changed {', '.join(changes)}")
         log.echo(f"{'resuming' if state else 'starting'} {run}: {cfg.task} with {cfg.model}, method {cfg.method}, "
@@ -168,8 +168,7 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
     if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
         peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
     metrics = meter.step_metrics(step + 1, rollouts, scored, result, lr=lr, timings=timings, peaks=peaks)
-    metrics.update({"amp/scale": parts.scaler.get_scale() if parts.scaler else 1.0,
-                    "oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
+    metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
                     "oom/micro_batch": cfg.micro_batch})
     if memory_stats:
         metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
@@ -292,7 +291,7 @@ def update(optimizer, scaler, max_grad_norm: float, loss: float, kl: float) -> S
         (scaler or optimizer).step(*([optimizer] if scaler else []))
     if scaler:
         scaler.update()  # halves the scale after inf/nan gradients, grows it after a run of good steps
-    return StepResult(loss, kl, grad_norm, skipped=not finite)
+    return StepResult(loss, kl, grad_norm, skipped=not finite, scale=scaler.get_scale() if scaler else 1.0)
 
 
 def with_overrides(cfg: Config, **changes) -> Config:

@@ -156,7 +156,7 @@ def step_metrics(step: int, rollouts: Rollouts, scored: Scored, result: StepResu
         "len/frac_short": (lengths < 16).float().mean().item(),
         "groups/frac_zero_var": (grouped.std(-1) < 1e-6).float().mean().item(),
         "loss": result.loss, "kl": result.kl, "grad_norm": result.grad_norm, "lr": lr,
-        "amp/skipped": float(result.skipped),
+        "amp/skipped": float(result.skipped), "amp/scale": result.scale,
     })
     metrics.update({f"time/{k}": round(v, 4) for k, v in timings.items()})
     metrics.update({f"mem/{k}": v for k, v in peaks.items()})

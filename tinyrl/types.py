@@ -69,3 +69,4 @@ class StepResult:
     kl: float  # mean KL per completion
     grad_norm: float  # before clipping (inf or nan when the step was skipped)
     skipped: bool  # loss or gradient not finite: nothing was applied
+    scale: float = 1.0  # the fp16 loss scale after this update (1.0 without one)
