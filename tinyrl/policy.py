@@ -38,10 +38,10 @@ def resolve_model(name: str) -> str:
     folder = os.path.join(cache_root(), name)
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
-    return _convert_gguf(os.path.join(spec.submodule_search_locations[0]), SMOLLM2_GGUF, folder)
+    return convert_gguf(os.path.join(spec.submodule_search_locations[0]), SMOLLM2_GGUF, folder)
 
 
-def _convert_gguf(src: str, gguf_file: str, folder: str) -> str:
+def convert_gguf(src: str, gguf_file: str, folder: str) -> str:
     """Dequantize a GGUF once into a plain safetensors folder; written to a temp folder, then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
