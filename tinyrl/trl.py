@@ -58,7 +58,7 @@ def question_text(prompt: Any) -> str:
 def gold(answer: Any) -> str:
     """A dataset's answer: GSM8K's full solution ("... #### 72") or the bare answer.
 
-    >>> gold("3 + 4 = 7\n#### 7"), gold(" 12 ")
+    >>> gold("3 + 4 = 7\\n#### 7"), gold(" 12 ")
     ('7', '12')
     """
     text = str(answer)
