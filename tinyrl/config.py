@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import json
 import os
@@ -156,6 +157,9 @@ class Config:
     """Examples in the held-out slice evaluated during fit."""
     vram: str | None = None
     """GPU memory budget, e.g. `8G`: the planner picks the memory settings that fit it."""
+    report_to: str = "none"
+    """Live metrics besides metrics.jsonl: `tensorboard` (events in RUN/tensorboard), `wandb` (offline with
+    WANDB_MODE=offline; project from WANDB_PROJECT, default tinyrl), both comma-separated, or `none`."""
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -165,7 +169,7 @@ DETERMINISTIC_ENV = {"MKL_CBWR": "COMPATIBLE", "CUBLAS_WORKSPACE_CONFIG": ":4096
 """What deterministic=true needs in the environment before torch loads: MKL's reproducible code path on CPU (the
 same results whatever the memory alignment and thread split), and a fixed cuBLAS workspace on CUDA."""
 RESUMABLE = ("steps", "save_every", "sample_every", "eval_every", "eval_limit", "keep_checkpoints", "max_minutes",
-             "max_skipped_steps", "threads", "deterministic")
+             "max_skipped_steps", "threads", "deterministic", "report_to")
 """What `fit --resume` may change: how long a run goes on and how often it saves and reports, not what it learns."""
 
 
@@ -254,7 +258,33 @@ def validate(cfg: Config) -> Config:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    report_sinks(cfg.report_to)
     return cfg
+
+
+LIVE = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> the package it needs
+
+
+def report_sinks(report_to: str) -> list[str]:
+    """The live-metrics sinks `report_to` names, checked.
+
+    >>> report_sinks("none"), report_sinks("tensorboard,wandb")
+    ([], ['tensorboard', 'wandb'])
+    """
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    bad = [n for n in names if n not in LIVE]
+    if bad:
+        raise UserError(f"report_to={report_to!r}: choose none, tensorboard, wandb, or both comma-separated")
+    return names
+
+
+def missing_sinks(report_to: str) -> str | None:
+    """One line naming what `report_to` needs that is not installed (found without importing it), else None."""
+    missing = [n for n in report_sinks(report_to) if importlib.util.find_spec(LIVE[n]) is None]
+    if not missing:
+        return None
+    return (f"report_to={report_to} needs {' and '.join(missing)}: pip install "
+            + " ".join(f"'tinyrl[{n}]'" for n in missing) + ", or drop --set report_to")
 
 
 def arith_difficulty(arith_ops: str, arith_max: int) -> tuple[int, int]:

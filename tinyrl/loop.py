@@ -60,7 +60,7 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         torch.manual_seed(cfg.seed)
         state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=meter.notice)
         start, cfg, backoffs = checkpoint.restore(state, cfg, parts.scaler)
-        log = meter.Meter(run, total, start, quiet=quiet, oom_backoffs=backoffs)
+        log = meter.Meter(run, total, start, quiet=quiet, oom_backoffs=backoffs, cfg=cfg)
         if changes:
             meter.notice(f"--resume: changed {', '.join(changes)}")
         log.echo(f"{'resuming' if state else 'starting'} {run}: {cfg.task} with {cfg.model}, method {cfg.method}, "

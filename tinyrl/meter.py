@@ -8,10 +8,13 @@ import json
 import os
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 
 import torch
 
+from tinyrl import config as config_mod
+from tinyrl.errors import UserError
 from tinyrl.types import Rollouts, Scored, StepResult
 
 # --- peak memory per phase ----------------------------------------------------------------------
@@ -196,8 +199,10 @@ def step_line(m: dict, total: int) -> str:
 class Meter:
     """Writes metrics.jsonl / samples.jsonl in the run folder and shows progress (a bar on a terminal)."""
 
-    def __init__(self, out: str, total: int, start: int, quiet: bool = False, oom_backoffs: int = 0):
+    def __init__(self, out: str, total: int, start: int, quiet: bool = False, oom_backoffs: int = 0,
+                 cfg=None):
         self.out, self.total = out, total
+        self.live = live_sinks(cfg, out, start) if cfg is not None else []  # report_to
         for name in ("metrics.jsonl", "samples.jsonl"):  # on resume: the steps after the checkpoint run again
             truncate_jsonl(os.path.join(out, name), start)
         self.history: list[dict] = read_jsonl(os.path.join(out, "metrics.jsonl"))
@@ -216,6 +221,8 @@ class Meter:
 
     def log(self, metrics: dict) -> None:
         _append_jsonl(os.path.join(self.out, "metrics.jsonl"), metrics)
+        for sink in self.live:
+            sink.log(metrics)
         self.history.append(metrics)
         line = step_line(metrics, self.total)
         self.echo(line)
@@ -243,6 +250,74 @@ class Meter:
     def close(self) -> None:
         if self.progress:
             self.progress.stop()
+        for sink in self.live:
+            sink.close()
+
+
+# --- live metrics (report_to) -----------------------------------------------------------------------
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """The numeric metrics of a step (every metrics.jsonl key but `step`), as floats.
+
+    >>> scalars({"step": 3, "reward/total": 1, "amp/skipped": False, "note": "x"})
+    {'reward/total': 1.0, 'amp/skipped': 0.0}
+    """
+    return {k: float(v) for k, v in metrics.items()
+            if k != "step" and isinstance(v, (int, float, bool)) and not isinstance(v, str)}
+
+
+class TensorBoardSink:
+    """Every metrics.jsonl key as a TensorBoard scalar in RUN/tensorboard (torch's SummaryWriter). On resume the
+    events after the checkpoint's step are dropped, as in metrics.jsonl."""
+
+    def __init__(self, run: str, start: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(run, "tensorboard"), purge_step=start + 1 if start else None)
+
+    def log(self, metrics: dict) -> None:
+        for key, value in scalars(metrics).items():
+            self.writer.add_scalar(key, value, metrics["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Every metrics.jsonl key to Weights & Biases; one wandb run per run folder (its id kept in RUN/wandb-id), so a
+    resumed fit continues it. WANDB_MODE=offline works without a network (`wandb sync` uploads later)."""
+
+    def __init__(self, run: str, cfg):
+        import dataclasses
+
+        import wandb
+
+        id_file = os.path.join(run, "wandb-id")
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            config_mod.write_atomic(id_file, run_id + "\n")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tinyrl"), id=run_id, resume="allow",
+                              name=os.path.basename(os.path.abspath(run)), dir=run, config=dataclasses.asdict(cfg))
+
+    def log(self, metrics: dict) -> None:
+        self.run.log(scalars(metrics), step=metrics["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def live_sinks(cfg, run: str, start: int) -> list:
+    """The sinks `cfg.report_to` asks for; one line (UserError) when a package is missing."""
+    missing = config_mod.missing_sinks(cfg.report_to)
+    if missing:
+        raise UserError(missing)
+    names = config_mod.report_sinks(cfg.report_to)
+    return [TensorBoardSink(run, start) if name == "tensorboard" else WandbSink(run, cfg) for name in names]
 
 
 def notice(line: str) -> None:
