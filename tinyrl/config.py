@@ -104,6 +104,9 @@ class Config:
     """Non-reentrant activation checkpointing at every decoder layer."""
     device: str = "auto"
     """`auto` (CUDA if available), `cpu`, or `cuda`."""
+    backend: str = "transformers"
+    """How the policy loads: `transformers` (+ peft + bitsandbytes), or `unsloth` (Unsloth's FastLanguageModel: its
+    4-bit loading, LoRA and gradient checkpointing; needs the unsloth package and a CUDA GPU)."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
     deterministic: bool = False
@@ -254,7 +257,8 @@ def validate(cfg: Config) -> Config:
     if cfg.few_shot not in (0, 1):
         raise UserError(f"few_shot must be 0 or 1 (got {cfg.few_shot})")
     choices = {"quant": ("auto", "4bit", "none"), "dtype": ("auto", "bf16", "fp16", "fp32"),
-               "device": ("auto", "cpu", "cuda"), "memory_order": ("write-before-read", "read-before-write")}
+               "device": ("auto", "cpu", "cuda"), "backend": ("transformers", "unsloth"),
+               "memory_order": ("write-before-read", "read-before-write")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")

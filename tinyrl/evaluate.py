@@ -31,7 +31,7 @@ def load(cfg: Config, adapter: str | None):
     """The policy to evaluate: the run's base model with a saved adapter (or none), without checkpointing."""
     model, tokenizer, _ = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=adapter)
+        lora_alpha=cfg.lora_alpha, grad_checkpointing=False, seed=cfg.seed, adapter=adapter, backend=cfg.backend)
     return model, tokenizer
 
 

@@ -118,7 +118,7 @@ def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
     """The policy (capped to the --vram budget on CUDA), its optimizer and loss scaler, and the memories."""
     model, tokenizer, device = policy.load_policy(
         cfg.model, quant=cfg.quant, dtype=cfg.dtype, device=cfg.device, lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed)
+        lora_alpha=cfg.lora_alpha, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed, backend=cfg.backend)
     if planned and device.type == "cuda":  # hold the run to the budget, so "fits in 8G" holds on any larger card
         meter.cap_cuda_memory(budget.parse_bytes(cfg.vram), budget.CUDA_CONTEXT_BYTES, device, quiet)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA weights: fp32 whatever the compute dtype

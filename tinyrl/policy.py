@@ -94,19 +94,25 @@ def load_tokenizer(path: str):
 
 
 def load_policy(model: str, *, quant: str, dtype: str, device: str, lora_rank: int, lora_alpha: int,
-                grad_checkpointing: bool, seed: int, adapter: str | None = None):
+                grad_checkpointing: bool, seed: int, adapter: str | None = None, backend: str = "transformers"):
     """Load base + tokenizer, quantize (QLoRA) or not, and wrap in a fresh (or saved) LoRA adapter.
 
     Returns (peft model, tokenizer, device). The reference policy is this model with its adapter disabled.
+    `backend="unsloth"` loads through Unsloth's FastLanguageModel instead (`load_unsloth`).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(model)
     dev = pick_device(device)
+    if backend == "unsloth":
+        check_unsloth(dev)
+    path = resolve_model(model)
     compute = pick_dtype(dtype, dev)
     if quant == "auto":
         quant = "4bit" if dev.type == "cuda" else "none"
+    if backend == "unsloth":
+        return load_unsloth(path, quant == "4bit", compute, dev, lora_rank, lora_alpha, grad_checkpointing, seed,
+                            adapter), load_tokenizer(path), dev
     kwargs: dict = {"dtype": compute}
     if quant == "4bit":
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -141,6 +147,39 @@ def load_policy(model: str, *, quant: str, dtype: str, device: str, lora_rank: i
         policy = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     return policy, tokenizer, dev
+
+
+UNSLOTH_DEVICES = ("cuda",)  # Unsloth has no CPU path (the tests widen this to run a stub module on CPU)
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def check_unsloth(dev: torch.device) -> None:
+    """backend=unsloth needs the package and a GPU: one line each, before anything loads (nothing is imported)."""
+    if importlib.util.find_spec("unsloth") is None:
+        raise UserError("backend=unsloth needs the unsloth package (GPU only): pip install unsloth; or drop "
+                        "--set backend=unsloth to use transformers + peft")
+    if dev.type not in UNSLOTH_DEVICES:
+        raise UserError(f"backend=unsloth needs a CUDA GPU (this run is on {dev.type}); drop --set backend=unsloth")
+
+
+def load_unsloth(path: str, four_bit: bool, compute: torch.dtype, dev: torch.device, lora_rank: int,
+                 lora_alpha: int, grad_checkpointing: bool, seed: int, adapter: str | None):
+    """The policy through Unsloth's FastLanguageModel: its 4-bit loading, its LoRA wrapper over the same projections
+    as the default backend, and its own gradient checkpointing ("unsloth"). A saved adapter loads with peft, so
+    checkpoints are interchangeable with the default backend's. Imported here only: importing unsloth patches
+    transformers for the whole process."""
+    from peft import PeftModel
+    from unsloth import FastLanguageModel
+
+    base, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=2048, dtype=compute,
+                                                load_in_4bit=four_bit, device_map={"": dev})
+    check_plain_logits(base.config, path)
+    torch.manual_seed(seed)
+    if adapter:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    return FastLanguageModel.get_peft_model(
+        base, r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, bias="none", target_modules=UNSLOTH_TARGETS,
+        use_gradient_checkpointing="unsloth" if grad_checkpointing else False, random_state=seed)
 
 
 def check_plain_logits(config, name: str) -> None:
