@@ -19,7 +19,7 @@ def load(name: str) -> dict | None:
 
 
 def rows() -> list[tuple[str, str, str, str]]:
-    out = []
+    out = learn_rows("learn_cpu.json", "bench/learn.py") + learn_rows("learn_gpu.json", "bench/learn.py --gsm8k")
     fit = load("fit_cpu.json")
     if fit:
         hw = f"{fit['hardware']['cpu']}, {fit['hardware']['cores']} cores"
@@ -61,6 +61,26 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"{100 * min(errors):+.0f} … {100 * max(errors):+.0f} %",
                     hw["cpu"] if isinstance(hw, dict) and "cpu" in hw else "CPU", "bench/budget_cpu.py"))
     out += gpu_rows()
+    return out
+
+
+def learn_rows(name: str, script: str) -> list[tuple[str, str, str, str]]:
+    """The learning evidence: held-out accuracy of the base model and of each method's run (bench/learn.py)."""
+    got = load(name)
+    if not got:
+        return []
+    s, hw = got["settings"], got["hardware"]
+    where = f"{hw['gpu']}" if hw.get("gpu") else f"{hw['cpu']}, {hw['cores']} cores"
+    task = ("GSM8K" if s["task"] == "gsm8k" else
+            f"arith ({s['arith_ops']} op, numbers ≤ {s['arith_max']})")
+    steps = sorted({run["steps_done"] if "steps_done" in run else len(run["metrics"]) for run in got["runs"].values()})
+    out = []
+    for metric, label in (("exact_match", "exact match"), ("extractive_match", "extractive match")):
+        runs = "; ".join(f"{run_name.replace(' seed ', ', seed ')} {100 * run['eval'][metric]:.1f} %"
+                         for run_name, run in got["runs"].items())
+        out.append((f"learning: {os.path.basename(s['model'].rstrip('/'))}, held-out {task}, {got['held_out']} problems, {label}, base → after "
+                    f"{'/'.join(map(str, steps))} steps (G={s['group_size']}, P={s['prompts_per_step']})",
+                    f"base {100 * got['base'][metric]:.1f} % → {runs}", where, script))
     return out
 
 
