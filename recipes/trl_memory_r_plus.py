@@ -11,7 +11,7 @@ temperature 0.9, beta 0.04, AdamW 5e-6 with betas (0.9, 0.99), weight decay 0.1,
 with LoRA r16 on every linear layer (drop --lora-rank to 0 for full fine-tuning, as the paper). TRL logs each reward
 (rewards/exploit/mean, rewards/explore/mean, ...) and the memory's own metrics (memory/*); every log line also goes
 to OUT/metrics.jsonl, and every checkpoint folder gets the memory in tinyrl-memory/ (rank 0 writes it).
-Resuming a TRL run does not restore the memory yet: it starts empty.
+`--resume` continues from the newest checkpoint in OUT: weights, optimizer and data position (TRL) and the memory.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
 from tinyrl import prompts, tasks
@@ -69,6 +70,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N training problems")
     p.add_argument("--report-to", default="none", help="none, tensorboard, wandb")
     p.add_argument("--cpu", action="store_true", help="train on the CPU in fp32 (a check, not a run)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a = p.parse_args()
 
     os.makedirs(a.out, exist_ok=True)
@@ -93,7 +95,12 @@ def main() -> None:
     trainer = GRPOTrainer(model=model, reward_funcs=memory.reward_funcs(), args=args,
                           train_dataset=dataset(a.data, a.limit), processing_class=tokenizer, peft_config=lora,
                           callbacks=[memory.callback(), JsonlLog(os.path.join(a.out, "metrics.jsonl"))])
-    trainer.train()
+    last = get_last_checkpoint(a.out) if a.resume and os.path.isdir(a.out) else None
+    if a.resume and last is None:
+        raise SystemExit(f"--resume: no checkpoint-N folder in {a.out}; drop --resume to start")
+    if last and memory.memory is not None:
+        memory.load(os.path.join(last, "tinyrl-memory"))
+    trainer.train(resume_from_checkpoint=last)
     memory.save()  # the final memory, beside the run: OUT/memory
 
 

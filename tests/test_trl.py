@@ -111,18 +111,31 @@ def test_two_processes_keep_identical_memories_equal_to_one_process(tmp_path):
     assert loaded.stats()["success_keys"] == single["stats"]["success_keys"]
 
 
-def test_recipe_trains_with_grpo_trainer(tiny_model, tmp_path, gsm8k_dir):
+def recipe(tiny_model, gsm8k_dir, out, steps, *more):
+    return subprocess.run([sys.executable, os.path.join(REPO, "recipes", "trl_memory_r_plus.py"),
+                           "--model", tiny_model, "--data", gsm8k_dir, "--out", str(out), "--max-steps", str(steps),
+                           "--prompts", "2", "--num-generations", "4", "--max-completion-length", "16",
+                           "--encoder", "hashing", "--save-steps", "1", "--cpu", *more],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def stored(folder) -> int:
+    stats = memory.MemoryState.open(str(folder)).stats()
+    return stats["success_values"] + stats["failure_values"]
+
+
+def test_recipe_trains_with_grpo_trainer_and_resumes_with_its_memory(tiny_model, tmp_path, gsm8k_dir):
     pytest.importorskip("trl")
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, os.path.join(REPO, "recipes", "trl_memory_r_plus.py"),
-                           "--model", tiny_model, "--data", gsm8k_dir, "--out", str(out), "--max-steps", "2",
-                           "--prompts", "2", "--num-generations", "4", "--max-completion-length", "16",
-                           "--encoder", "hashing", "--save-steps", "2", "--cpu"],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    done = recipe(tiny_model, gsm8k_dir, out, 2)
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in logged if "rewards/exploit/mean" in r]) == 2
     assert all("memory/success_keys" in r for r in logged if "rewards/exploit/mean" in r)
-    state = memory.MemoryState.open(str(out / "checkpoint-2" / "tinyrl-memory"))
-    assert state.stats()["success_values"] + state.stats()["failure_values"] == 2 * 2 * 4
+    assert stored(out / "checkpoint-2" / "tinyrl-memory") == 2 * 2 * 4  # 2 steps x 2 prompts x 4 completions
     assert np.isfinite([r["loss"] for r in logged if "loss" in r]).all()
+    done = recipe(tiny_model, gsm8k_dir, out, 3, "--resume")  # one step more, from checkpoint-2 and its memory
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stored(out / "checkpoint-3" / "tinyrl-memory") == 3 * 2 * 4
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "rewards/exploit/mean" in r] == [1, 2, 3]

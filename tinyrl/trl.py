@@ -14,7 +14,8 @@ sums them with weight 1, as tinyrl's own loop does, so the total reward is tinyr
 Several processes (accelerate, DeepSpeed, torchrun): each call gathers every rank's completions (question,
 reasoning span, correctness), in rank order, and every rank encodes and applies the same events, so the memories
 stay identical on every rank and equal a one-process run over the same completions in that order; each rank gets
-back the rewards of its own completions. Rank 0 alone writes files. The extra is `pip install tinyrl[trl]`.
+back the rewards of its own completions. Rank 0 alone writes files; `load` continues from them on resume. The
+extra is `pip install tinyrl[trl]`.
 """
 
 from __future__ import annotations
@@ -173,6 +174,13 @@ class MemoryRewardFunctions:
             return None
         self.memory.save(folder)
         return folder
+
+    def load(self, folder: str) -> None:
+        """Continue from a memory written by `save` or the callback (every rank reads the same files, so the
+        memories stay identical); a missing or damaged one is one line."""
+        if self.memory is None:
+            raise UserError(f"method {self.cfg.method} keeps no memory to load")
+        self.memory = memory.MemoryState.open(folder, self.memory.settings)
 
     def callback(self):
         """A transformers TrainerCallback that saves the memory into every TRL checkpoint folder (rank 0)."""
