@@ -228,21 +228,10 @@ def child_tinyrl(model: str, data: str, steps: int, device: str) -> dict:
 
 
 def reward_funcs():
-    """tinyrl's r1 task rewards as TRL reward functions (TRL passes conversational completions as messages)."""
-    from tinyrl import rewards
+    """tinyrl's r1 task rewards as TRL reward functions (tinyrl.trl: TRL's contract, conversational completions)."""
+    from tinyrl.trl import MemoryRewardFunctions
 
-    def texts(completions):
-        return [c[0]["content"] if isinstance(c, list) else c for c in completions]
-
-    def make(fn, name, needs_answer):
-        def reward(completions, answer=None, **kw):
-            return fn(texts(completions), answer) if needs_answer else fn(texts(completions))
-        reward.__name__ = name
-        return reward
-
-    return [make(rewards.xml_count, "xml_count", False), make(rewards.soft_format, "soft_format", False),
-            make(rewards.strict_format, "strict_format", False), make(rewards.integer, "integer", False),
-            make(rewards.correctness, "correctness", True)]
+    return MemoryRewardFunctions(method="r1").reward_funcs()
 
 
 def child_trl(model: str, data: str, steps: int, device: str, flush_denormal: bool = False) -> dict:
