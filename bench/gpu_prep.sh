@@ -5,7 +5,8 @@
 #   .gpu/stage1/, stage2/ the offline SmolLM2-135M-Instruct GGUF (94 MiB) in two parts, with the numkong wheel and
 #                         GSM8K's train split: each folder is carried by its own `bash bench/gpu.sh stage` call
 #                         onto the warm machine, which keeps /tmp between calls (~30 s)
-#   .gpu/learn/           what `bash bench/gpu.sh learn` carries: the usearch and gguf wheels, GSM8K's test split,
+#   .gpu/learn/           what `bash bench/gpu.sh learn` carries: the usearch, gguf and math-verify (+ its two deps)
+#                         wheels, GSM8K's test split,
 #                         MiniLM in fp16 (44 MiB), and the GGUF's checksum
 # Each folder stays under 58 MiB, so with the tree (~1 MiB) a call carries under 64 MiB.
 # Usage: bash bench/gpu_prep.sh [all|learn]      (needs the pip registry, ../shared, and `make install`'s .venv)
@@ -20,7 +21,8 @@ learn() {
   rm -rf .gpu/stage1 .gpu/stage2 .gpu/learn
   mkdir -p .gpu/stage1 .gpu/stage2 .gpu/learn/whl
   "$PY" -m pip download "${TARGET[@]}" -d .gpu/stage1 numkong
-  "$PY" -m pip download "${TARGET[@]}" -d .gpu/learn/whl usearch gguf
+  "$PY" -m pip download "${TARGET[@]}" -d .gpu/learn/whl usearch gguf math-verify==0.9.0 \
+    latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2  # eval's extractive match (pure Python)
   cp "$DATA"/train.jsonl .gpu/stage2/
   cp "$DATA"/test.jsonl .gpu/learn/
   local site gguf

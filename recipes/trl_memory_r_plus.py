@@ -1,7 +1,7 @@
 """Memory-R+ on GSM8K with TRL's GRPOTrainer: tinyrl's rewards and episodic memory, TRL's trainer, so it scales
 out with accelerate / DeepSpeed / vLLM to several GPUs and nodes while every rank keeps the same memory.
 
-    pip install "tinyrl[trl]"
+    pip install -e ".[trl]"                                                    # in a clone of tinyrl
     python recipes/trl_memory_r_plus.py --out runs/trl-qwen05                       # one GPU
     accelerate launch --num_processes 4 recipes/trl_memory_r_plus.py --out runs/trl-qwen05
     python recipes/trl_memory_r_plus.py --data ../shared/data/gsm8k --cpu --max-steps 2 ...   # offline check
@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
 from tinyrl import prompts, tasks
-from tinyrl.trl import MemoryRewardFunctions, rank_and_world
+from tinyrl.trl import MemoryRewardFunctions
 
 
 class JsonlLog(TrainerCallback):
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/trl-memory-r-plus")
     p.add_argument("--method", default="memory-r+", help="r1, cosine, memory-r or memory-r+")
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: one epoch)")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step on each process")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step, over all processes")
     p.add_argument("--num-generations", type=int, default=16)
     p.add_argument("--max-completion-length", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-6)
@@ -76,15 +76,18 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     bf16 = not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     fp16 = not a.cpu and torch.cuda.is_available() and not bf16
-    rank, _ = rank_and_world()
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # torch.distributed is not up yet: the launcher's variables
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     memory = MemoryRewardFunctions(method=a.method, out=a.out, encoder=a.encoder, explore_warmup=a.explore_warmup,
-                                   device="cpu" if a.cpu or not torch.cuda.is_available() else f"cuda:{rank}")
-    rows = a.prompts * a.num_generations
+                                   device="cpu" if a.cpu or not torch.cuda.is_available() else f"cuda:{local}")
+    train = dataset(a.data, a.limit)
+    total = a.max_steps if a.max_steps > 0 else len(train) // a.prompts
+    # one prompt's G completions per micro-batch on each process; a.prompts prompts per optimizer step in all
     args = GRPOConfig(
-        output_dir=a.out, max_steps=a.max_steps, num_train_epochs=1, per_device_train_batch_size=rows,
-        gradient_accumulation_steps=1, num_generations=a.num_generations,
+        output_dir=a.out, max_steps=a.max_steps, num_train_epochs=1, per_device_train_batch_size=a.num_generations,
+        gradient_accumulation_steps=max(1, a.prompts // world), num_generations=a.num_generations,
         max_completion_length=a.max_completion_length, temperature=0.9, top_p=1.0, beta=0.04, loss_type="grpo",
-        learning_rate=a.lr, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1, warmup_steps=0.1,
+        learning_rate=a.lr, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1, warmup_steps=round(0.1 * total),
         lr_scheduler_type="cosine", max_grad_norm=0.1, gradient_checkpointing=True, bf16=bf16, fp16=fp16,
         use_cpu=a.cpu, logging_steps=1, save_steps=a.save_steps, report_to=a.report_to, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
@@ -93,7 +96,7 @@ def main() -> None:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
                       ) if a.lora_rank else None
     trainer = GRPOTrainer(model=model, reward_funcs=memory.reward_funcs(), args=args,
-                          train_dataset=dataset(a.data, a.limit), processing_class=tokenizer, peft_config=lora,
+                          train_dataset=train, processing_class=tokenizer, peft_config=lora,
                           callbacks=[memory.callback(), JsonlLog(os.path.join(a.out, "metrics.jsonl"))])
     last = get_last_checkpoint(a.out) if a.resume and os.path.isdir(a.out) else None
     if a.resume and last is None:

@@ -43,7 +43,7 @@ def test_learn_gpu_mode_runs_gsm8k_at_the_papers_settings_on_cpu(tmp_path, gsm8k
     check(results, "gsm8k")
     settings = results["settings"]
     assert settings["data"] == gsm8k_dir and settings["max_minutes"] == 30
-    assert (settings["max_prompt_tokens"], settings["temperature"], settings["kl_beta"]) == (256, 0.9, 0.04)
+    assert (settings["max_prompt_tokens"], settings["temperature"], settings["kl_beta"]) == (384, 0.9, 0.04)
     assert settings["quant"] == "none" and settings["explore_warmup"] == 100
     if results.get("plots"):  # beside the results file, named relative to bench/
         assert all(os.path.exists(os.path.join(REPO, "bench", p)) for p in results["plots"])

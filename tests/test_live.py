@@ -69,7 +69,7 @@ def test_bad_or_missing_sink_is_one_line(tiny_model, tmp_path, monkeypatch):
     real = config_mod.importlib.util.find_spec
     monkeypatch.setattr(config_mod.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     assert config_mod.missing_sinks("tensorboard,wandb") == ("report_to=tensorboard,wandb needs wandb: pip install "
-                                                             "'tinyrl[wandb]', or drop --set report_to")
+                                                             "wandb, or drop --set report_to")
     monkeypatch.undo()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", "import sys, importlib.util as u; real = u.find_spec; "

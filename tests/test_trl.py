@@ -107,6 +107,7 @@ def test_two_processes_keep_identical_memories_equal_to_one_process(tmp_path):
             assert ranks[0]["steps"][step]["values"][name] + ranks[1]["steps"][step]["values"][name] == values
         assert "memory/exploit" in seen["logged"] and "memory/explore_share" in seen["logged"]
     assert ranks[0]["saved"] == str(two / "memory") and ranks[1]["saved"] is None  # rank 0 alone writes
+    assert sorted(os.listdir(two)) == ["memory", "mid", "rank0.json", "rank1.json"]
     loaded = memory.MemoryState.open(str(two / "memory"))
     assert loaded.stats()["success_keys"] == single["stats"]["success_keys"]
 

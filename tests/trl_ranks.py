@@ -4,7 +4,8 @@
     python tests/trl_ranks.py OUT                                                # 1 process, the same data
 
 Writes OUT/rank<r>.json: every reward function's values for this rank's rows, per step, and a digest of the whole
-memory state; rank 0 also saves the memory to OUT/memory (other ranks must not).
+memory state; rank 0 also saves the memory to OUT/mid after two steps and to OUT/memory at the end (other ranks
+save to private temporary folders, never into OUT).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def main(out: str) -> None:
     funcs = MemoryRewardFunctions(method="memory-r+", out=out, encoder="hashing", explore_warmup=3,
                                   memory_window=8)
     seen = []
-    for batch in batches():
+    for step, batch in enumerate(batches()):
+        if step == 2:  # a checkpoint mid-run: rank 0 writes the run's copy, the others a private one
+            funcs.save(os.path.join(out, "mid"))
         n = len(batch["completions"]) // world
         mine = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
         logged = {}

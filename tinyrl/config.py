@@ -287,8 +287,8 @@ def missing_sinks(report_to: str) -> str | None:
     missing = [n for n in report_sinks(report_to) if importlib.util.find_spec(LIVE[n]) is None]
     if not missing:
         return None
-    return (f"report_to={report_to} needs {' and '.join(missing)}: pip install "
-            + " ".join(f"'tinyrl[{n}]'" for n in missing) + ", or drop --set report_to")
+    return (f"report_to={report_to} needs {' and '.join(missing)}: pip install {' '.join(missing)}, or drop "
+            "--set report_to")
 
 
 def arith_difficulty(arith_ops: str, arith_max: int) -> tuple[int, int]:

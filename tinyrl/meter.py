@@ -274,7 +274,7 @@ class TensorBoardSink:
     def __init__(self, run: str, start: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(run, "tensorboard"), purge_step=start + 1 if start else None)
+        self.writer = SummaryWriter(os.path.join(run, "tensorboard"), purge_step=start + 1)
 
     def log(self, metrics: dict) -> None:
         for key, value in scalars(metrics).items():
@@ -287,7 +287,8 @@ class TensorBoardSink:
 
 class WandbSink:
     """Every metrics.jsonl key to Weights & Biases; one wandb run per run folder (its id kept in RUN/wandb-id), so a
-    resumed fit continues it. WANDB_MODE=offline works without a network (`wandb sync` uploads later)."""
+    resumed fit continues it. WANDB_MODE=offline works without a network (`wandb sync` uploads later). W&B keeps
+    steps increasing only: steps run again after a crash (past the last checkpoint) are not logged a second time."""
 
     def __init__(self, run: str, cfg):
         import dataclasses

@@ -15,13 +15,14 @@ Several processes (accelerate, DeepSpeed, torchrun): each call gathers every ran
 reasoning span, correctness), in rank order, and every rank encodes and applies the same events, so the memories
 stay identical on every rank and equal a one-process run over the same completions in that order; each rank gets
 back the rewards of its own completions. Rank 0 alone writes files; `load` continues from them on resume. The
-extra is `pip install tinyrl[trl]`.
+extra is `trl` (`pip install -e ".[trl]"`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ def completion_text(completion: Any) -> str:
     """
     if isinstance(completion, str):
         return completion
-    return "".join(m["content"] for m in completion if m.get("role", "assistant") == "assistant")
+    return "".join(m.get("content") or "" for m in completion if m.get("role", "assistant") == "assistant")
 
 
 def question_text(prompt: Any) -> str:
@@ -168,12 +169,16 @@ class MemoryRewardFunctions:
         return self.memory.step(all_q, keys, vecs[len(unique):], np.array([c for e in events for c in e[2]]))
 
     def save(self, folder: str | None = None) -> str | None:
-        """Write the memory (atomically) to `folder` (default `out`/memory) on rank 0; other ranks write nothing."""
+        """Write the memory (atomically) to `folder` (default `out`/memory) on rank 0 and return it. Every other
+        rank saves the same state to a private temporary folder instead (nothing in the run's folders): a save
+        rebuilds the index, so all ranks keep searching the same structure and stay identical."""
         folder = folder or (os.path.join(self.out, "memory") if self.out else None)
-        if self.memory is None or folder is None or rank_and_world()[0] != 0:
+        if self.memory is None or folder is None:
             return None
-        self.memory.save(folder)
-        return folder
+        rank, _ = rank_and_world()
+        self.memory.save(folder if rank == 0 else
+                         os.path.join(tempfile.gettempdir(), f"tinyrl-memory-rank{rank}-{os.getpid()}"))
+        return folder if rank == 0 else None
 
     def load(self, folder: str) -> None:
         """Continue from a memory written by `save` or the callback (every rank reads the same files, so the
