@@ -66,8 +66,9 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         flags = {k: v for k, v in flags.items() if k != "task" or v != base.task}
     pins = frozenset(k for k, v in flags.items() if v is not None) | set_keys(set_)
     cfg = build_config(base, flags, set_)
-    if config_mod.missing_sinks(cfg.report_to):  # before minutes of loading
-        raise UserError(config_mod.missing_sinks(cfg.report_to))
+    missing = config_mod.missing_sinks(cfg.report_to)
+    if missing:  # before minutes of loading
+        raise UserError(missing)
     if cfg.deterministic:  # before torch loads: MKL and cuBLAS read these once
         os.environ.update(config_mod.DETERMINISTIC_ENV)
     from tinyrl import loop

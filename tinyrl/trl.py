@@ -119,6 +119,7 @@ class MemoryRewardFunctions:
             self.memory = memory.MemoryState(memory.MemorySettings.from_config(self.cfg, self.encoder.dim))
         self._pending: tuple[tuple, memory.MemoryRewards] | None = None  # exploit's step, for explore
         self._rows = [(0, 0)]  # this rank's rows of the last step
+        self._task: tuple[tuple, dict[str, list[float]]] | None = None  # the last batch's task rewards
 
     def reward_funcs(self) -> list[_Reward]:
         """The task rewards, then `exploit` and `explore` as the method has them (exploit before explore)."""
@@ -134,10 +135,12 @@ class MemoryRewardFunctions:
         if "answer" not in kwargs:
             raise UserError("the dataset needs an `answer` column (the gold answer) for tinyrl's rewards")
         answers = [gold(a) for a in kwargs["answer"]]
-        if name not in ("exploit", "explore"):
-            components = rewards.task_rewards(texts, answers, self.cfg.method, self.cfg.numeric_match,
-                                              self.cfg.cosine_max_len)
-            return components[name]
+        if name not in ("exploit", "explore"):  # TRL calls each task function in turn: score the batch once
+            key = (tuple(texts), tuple(answers))
+            if self._task is None or self._task[0] != key:
+                self._task = (key, rewards.task_rewards(texts, answers, self.cfg.method, self.cfg.numeric_match,
+                                                        self.cfg.cosine_max_len))
+            return self._task[1][name]
         questions = [str(q) for q in kwargs["question"]] if "question" in kwargs else \
             [question_text(p) for p in prompts]
         key = (tuple(questions), tuple(texts))
@@ -165,7 +168,8 @@ class MemoryRewardFunctions:
         all_q = [q for e in events for q in e[0]]
         unique = list(dict.fromkeys(all_q))  # first appearance order
         vecs = self.encoder.encode(unique + [span for e in events for span in e[1]])  # [U + N, D]
-        keys = vecs[[unique.index(q) for q in all_q]]  # [N, D]
+        row = {q: i for i, q in enumerate(unique)}
+        keys = vecs[[row[q] for q in all_q]]  # [N, D]
         return self.memory.step(all_q, keys, vecs[len(unique):], np.array([c for e in events for c in e[2]]))
 
     def save(self, folder: str | None = None) -> str | None:
