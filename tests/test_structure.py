@@ -7,7 +7,7 @@ import os
 import tinyrl
 
 PKG = os.path.dirname(tinyrl.__file__)
-SHARED = {"types", "config", "errors", "hub"}
+SHARED = {"types", "config", "errors", "hub", "decoding"}  # decoding: policy's static decoding step, also a leaf
 WIRING = {"loop", "evaluate", "cli", "trl", "__init__", "__main__"}
 
 
@@ -29,6 +29,11 @@ def test_stage_modules_do_not_import_each_other():
     for stage in stages:
         bad = tinyrl_imports(os.path.join(PKG, stage + ".py")) - SHARED
         assert not bad, f"tinyrl/{stage}.py imports other stages {sorted(bad)}; wire them in loop.py"
+
+
+def test_shared_modules_are_leaves():
+    for leaf in ("errors", "hub", "decoding"):
+        assert not tinyrl_imports(os.path.join(PKG, leaf + ".py")) - {"errors"}, leaf
 
 
 def test_loop_is_readable_in_one_sitting():

@@ -107,6 +107,10 @@ class Config:
     backend: str = "transformers"
     """How the policy loads: `transformers` (+ peft + bitsandbytes), or `unsloth` (Unsloth's FastLanguageModel: its
     4-bit loading, LoRA and gradient checkpointing; needs the unsloth package and a CUDA GPU)."""
+    decode: str = "auto"
+    """How each decoding step runs: `auto` (one replayed CUDA graph per step on CUDA, eager on CPU), `graph`, `eager`
+    (every kernel launched from Python, as before 2026-12), or `static` (the graph's shape-static step, not
+    captured). All sample the same tokens; `eager` is the fallback should a capture fail in a new setting."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
     deterministic: bool = False
@@ -172,7 +176,7 @@ DETERMINISTIC_ENV = {"MKL_CBWR": "COMPATIBLE", "CUBLAS_WORKSPACE_CONFIG": ":4096
 """What deterministic=true needs in the environment before torch loads: MKL's reproducible code path on CPU (the
 same results whatever the memory alignment and thread split), and a fixed cuBLAS workspace on CUDA."""
 RESUMABLE = ("steps", "save_every", "sample_every", "eval_every", "eval_limit", "keep_checkpoints", "max_minutes",
-             "max_skipped_steps", "threads", "deterministic", "report_to")
+             "max_skipped_steps", "threads", "deterministic", "report_to", "decode")
 """What `fit --resume` may change: how long a run goes on and how often it saves and reports, not what it learns."""
 
 
@@ -258,6 +262,7 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"few_shot must be 0 or 1 (got {cfg.few_shot})")
     choices = {"quant": ("auto", "4bit", "none"), "dtype": ("auto", "bf16", "fp16", "fp32"),
                "device": ("auto", "cpu", "cuda"), "backend": ("transformers", "unsloth"),
+               "decode": ("auto", "eager", "static", "graph"),
                "memory_order": ("write-before-read", "read-before-write")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:

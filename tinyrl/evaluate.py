@@ -110,7 +110,7 @@ def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: s
         rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot, seed=cfg.seed,
                                   system_prompt=system_prompt(cfg.task))
         out = policy.generate(model, tokenizer, rendered, group_size=1, max_new_tokens=cfg.max_new_tokens,
-                              gen_batch=batch_size, greedy=True)
+                              gen_batch=batch_size, greedy=True, decode_mode=cfg.decode)
         answers = [ex.answer for ex in batch]
         exact = rewards.correctness(list(out.completions), answers)
         extractive = rewards.extractive_match(list(out.completions), answers)

@@ -148,7 +148,7 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
         rollouts, cfg = faults.with_oom_backoff(lambda c: policy.generate(
             model, parts.tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
             gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
-            min_new_tokens=c.min_new_tokens), cfg, "gen_batch", log)
+            min_new_tokens=c.min_new_tokens, decode_mode=c.decode), cfg, "gen_batch", log)
     with meter.phase(timings, peaks, "score", device):
         scored = score(cfg, rollouts)
     memory_stats = {}

@@ -13,7 +13,7 @@ import tempfile
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tinyrl import hub
+from tinyrl import decoding, hub
 from tinyrl.errors import UserError
 from tinyrl.types import PromptBatch, Rollouts
 
@@ -318,11 +318,14 @@ def causal_lm(model):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new_tokens: int, gen_batch: int,
              temperature: float = 0.9, top_p: float = 1.0, min_new_tokens: int = 0, greedy: bool = False,
-             share_prefill: bool = True) -> Rollouts:
+             share_prefill: bool = True, decode_mode: str = "auto") -> Rollouts:
     """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache. With share_prefill
     each prompt of a batch is prefilled once for all its completions in that batch (`shared_prefill`),
-    then `decode` samples from the policy itself, its LoRA layers run as lean closures (`lean_lora`)."""
+    then `decode` samples from the policy itself, its LoRA layers run as lean closures (`lean_lora`); on CUDA each
+    decoding step is one replayed CUDA graph (`decoding`, decode_mode "auto"), with the same tokens.
+    The uniforms each batch samples with are drawn before its first step, whichever way it decodes."""
     device = next(model.parameters()).device
+    mode = decoding.mode_for(decode_mode, device)
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     prompt_ids, prompt_mask = prompts.input_ids.to(device), prompts.attention_mask.to(device)  # [P, Tp]
@@ -335,9 +338,17 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
             source = (prompt_ids, prompt_mask, rows // group_size) if share_prefill else (ids, mask, rows)
             cache = (shared_prefill(model, *source, room=max_new_tokens)
                      if ids.shape[1] > 1 else None)  # 1-token prompts: nothing to prefill
-            new = decode(model, ids[rows], mask[rows], cache, max_new_tokens=max_new_tokens,
-                         min_new_tokens=min_new_tokens, eos=eos, pad=pad, temperature=temperature, top_p=top_p,
-                         greedy=greedy)  # [b, Tc']
+            uniforms = None if greedy else torch.rand(max_new_tokens, len(rows), 1, dtype=torch.float64,
+                                                      device=device)  # [Tc, b, 1]
+            settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos=eos, pad=pad,
+                            temperature=temperature, top_p=top_p, greedy=greedy, uniforms=uniforms)
+            if mode != "eager" and decoding.laid_out(cache):
+                causal = causal_lm(model)
+                new = decoding.decode_static(causal.get_decoder(), causal.get_output_embeddings(),
+                                             cache_keyword(model), ids[rows], mask[rows], cache, sample=next_tokens,
+                                             graphs=mode == "graph", **settings)  # [b, Tc']
+            else:
+                new = decode(model, ids[rows], mask[rows], cache, **settings)  # [b, Tc']
             del cache  # this batch's full KV cache: free it before the next batch's prefill
             chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
     completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
@@ -364,7 +375,7 @@ def eval_mode(model):
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *, max_new_tokens: int,
            min_new_tokens: int, eos: list[int], pad: int, temperature: float, top_p: float,
-           greedy: bool) -> torch.Tensor:
+           greedy: bool, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Continue b left-padded prompts whose KV cache holds all but their last token (or None for 1-token
     prompts): [b, Tc'] new tokens, pad after a row's first EOS, stopping early once every row has ended.
 
@@ -372,6 +383,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, 
     Qwen2.5-Instruct's repetition_penalty 1.1 and top_k 20) on top of the settings asked for: a penalty on tokens
     already written, which the loss knows nothing of. Here each token is drawn from exactly softmax(logits /
     temperature), cut to the top-p nucleus when top_p < 1, and the LM head runs on the last position only.
+    `uniforms` [Tc, b, 1]: each step's draws (else torch.rand per step).
     """
     causal = causal_lm(model)
     decoder, head, keyword = causal.get_decoder(), causal.get_output_embeddings(), cache_keyword(model)
@@ -385,7 +397,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, 
         logits = head(out.last_hidden_state[:, -1]).float()  # [b, V]
         if step < min_new_tokens:
             logits[:, eos_t] = -torch.inf
-        token = torch.where(done, pad, next_tokens(logits, temperature, top_p, greedy))  # [b]
+        u = None if uniforms is None else uniforms[step]  # [b, 1]
+        token = torch.where(done, pad, next_tokens(logits, temperature, top_p, greedy, u))  # [b]
         del logits, out  # not alive during the next step's forward (budget: generation is a max of moments)
         new.append(token)
         done |= torch.isin(token, eos_t)
@@ -462,10 +475,11 @@ def _lean_forward(m):
     return forward
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool,
+                u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row: the argmax, or a draw from softmax(logits / temperature) restricted to the smallest set
     of most likely tokens whose mass reaches top_p (all of them at top_p = 1). Sampled by inverting the CDF with
-    one uniform per row (torch.rand, so torch.manual_seed makes it repeatable).
+    one uniform per row: `u` [b, 1] float64 in [0, 1), else torch.rand (torch.manual_seed makes either repeatable).
 
     Working set per logit beyond the caller's fp32 logits (budget.sampling_bytes plans for it): the probabilities
     (4 B) and the float64 CDF (8 B); with top_p < 1 the probabilities sorted (4 B) with their int64 order (8 B)
@@ -487,7 +501,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     if order is not None:  # keep the head up to the first token whose cumulative mass reaches top_p
         end = torch.searchsorted(cdf, torch.full_like(last, top_p)).clamp_(max=cdf.shape[-1] - 1)  # [b, 1]
         last = cdf.gather(-1, end)  # [b, 1] the nucleus' mass
-    u = torch.rand(last.shape, device=cdf.device, dtype=cdf.dtype) * last  # [b, 1]
+    u = (torch.rand(last.shape, device=cdf.device, dtype=cdf.dtype) if u is None else u) * last  # [b, 1]
     picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # [b, 1]
     if order is not None:
         picked = order.gather(-1, torch.minimum(picked, end))  # [b, 1] back to vocabulary ids

@@ -1,0 +1,157 @@
+"""Shape-static decoding (tinyrl.decoding), the step a CUDA graph captures: on CPU, without the graph, it samples
+exactly the tokens of eager decoding, keeps every tensor's shape and address, and reads "all rows ended" every few
+tokens. The graph itself is tested on CUDA (tests/test_gpu.py)."""
+
+import pytest
+import torch
+
+from tinyrl import config, decoding, policy
+from tinyrl.errors import UserError
+from tinyrl.types import Example, PromptBatch
+
+TEXTS = ["<|user|>hi<eos><|assistant|>", "<|user|>a longer one<eos><|assistant|>", "<|user|>x<eos><|assistant|>"]
+
+
+def load(tiny_model, quant="none", dtype="fp32"):
+    model, tok, _ = policy.load_policy(tiny_model, quant=quant, dtype=dtype, device="cpu", lora_rank=4, lora_alpha=8,
+                                       grad_checkpointing=False, seed=0)
+    with torch.no_grad():  # a non-zero adapter: the LoRA layers take part
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model, tok
+
+
+def prompt_batch(tok, texts=TEXTS):
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # left-padded, unequal lengths
+    return PromptBatch(tuple(Example(f"q{i}", "1", i) for i in range(len(texts))), ("",) * len(texts),
+                       enc.input_ids, enc.attention_mask)
+
+
+def sample(model, tok, prompts, mode, seed=3, **kw):
+    torch.manual_seed(seed)
+    settings = dict(group_size=4, max_new_tokens=20, gen_batch=5) | kw  # batches of 5, 5 and 2 rows
+    return policy.generate(model, tok, prompts, decode_mode=mode, **settings)
+
+
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(), dict(top_p=0.8), dict(min_new_tokens=6)],
+                         ids=["greedy", "sampled", "top_p", "min_new_tokens"])
+def test_static_decoding_samples_the_tokens_of_eager_decoding(tiny_model, quant, kw):
+    if quant == "4bit":
+        pytest.importorskip("bitsandbytes")
+    model, tok = load(tiny_model, quant)
+    prompts = prompt_batch(tok)
+    static, calls = [], []
+    real = decoding.decode_static
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decoding, "decode_static", lambda *a, **k: calls.append(1) or real(*a, **k))
+        static = sample(model, tok, prompts, "static", **kw)
+    eager = sample(model, tok, prompts, "eager", **kw)
+    assert len(calls) == 3  # every batch decoded statically
+    assert torch.equal(static.completion_ids, eager.completion_ids)
+    assert torch.equal(static.completion_mask, eager.completion_mask)
+    assert static.completions == eager.completions and torch.equal(static.truncated, eager.truncated)
+    assert eager.completion_mask.sum() > 3 * 4  # the rows did write tokens
+    if not kw:  # seeded: another seed samples otherwise (the draws are the seed's, not fixed)
+        assert not torch.equal(sample(model, tok, prompts, "static", seed=4).completion_ids, static.completion_ids)
+
+
+def test_bf16_static_logits_equal_eager_ones_to_rounding(tiny_model, monkeypatch):
+    """In bf16 the attention over the whole buffer (masked) and over the filled part may round differently: the
+    logits agree to within a few bf16 steps, and greedy tokens almost always."""
+    model, tok = load(tiny_model, dtype="bf16")
+    prompts = prompt_batch(tok)
+    seen: dict[str, list] = {}
+    real = policy.next_tokens
+
+    def spy(logits, *args, **kwargs):
+        seen.setdefault(mode, []).append(logits.clone())
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(policy, "next_tokens", spy)
+    for mode in ("eager", "static"):
+        sample(model, tok, prompts, mode, greedy=True, group_size=1, gen_batch=3, max_new_tokens=6, min_new_tokens=6)
+    for eager, static in zip(seen["eager"], seen["static"], strict=True):
+        finite = eager.isfinite()
+        assert torch.equal(finite, static.isfinite())
+        assert (eager[finite] - static[finite]).abs().max() <= 4 * 2**-7 * eager[finite].abs().max()
+
+
+def test_the_static_step_keeps_every_shape_and_address(tiny_model, monkeypatch):
+    """What a CUDA graph replays must read and write the same memory every token: the decoder's inputs and the
+    cache's buffers keep their shape and data pointer, and nothing grows."""
+    model, tok = load(tiny_model)
+    decoder = policy.causal_lm(model).get_decoder()
+    seen = []
+
+    def spying(*args, **kwargs):
+        cache = kwargs[policy.cache_keyword(model)]
+        tensors = [kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"]]
+        tensors += [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        out = type(decoder).forward(decoder, *args, **kwargs)
+        seen.append([(t.data_ptr(), tuple(t.shape)) for t in tensors + [out.last_hidden_state]])
+        return out
+
+    prompts = prompt_batch(tok)
+    monkeypatch.setattr(decoding, "CHECK_EVERY", 1000)
+    monkeypatch.setattr(policy, "shared_prefill", spied_prefill(decoder, spying, monkeypatch))
+    sample(model, tok, prompts, "static", group_size=2, gen_batch=6, max_new_tokens=12)
+    assert len(seen) == 12
+    inputs = [step[:-1] for step in seen]
+    assert all(step == inputs[0] for step in inputs)
+
+
+def spied_prefill(decoder, spying, monkeypatch):
+    """policy.shared_prefill, after which every decoder call goes through `spying`."""
+    real = policy.shared_prefill
+
+    def prefill(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        monkeypatch.setattr(decoder, "forward", spying)
+        return cache
+
+    return prefill
+
+
+def test_ended_rows_are_read_every_few_tokens(tiny_model, monkeypatch):
+    """The host asks whether every row has ended every CHECK_EVERY tokens (each ask waits for the device); the
+    steps in between only write pads after the rows' EOS, which generate drops."""
+    model, tok = load(tiny_model)
+    prompts = prompt_batch(tok)
+    eos = policy.eos_ids(model, tok)
+    steps = []
+    real_step = decoding.StaticStep.step
+    monkeypatch.setattr(decoding.StaticStep, "step", lambda self: steps.append(1) or real_step(self))
+    # every row ends at its 3rd token: the EOS is the only token allowed from then on
+    real_next = policy.next_tokens
+    counter = iter(range(10**6))
+
+    def ending(logits, *args, **kwargs):
+        if next(counter) >= 2:
+            logits = torch.full_like(logits, -torch.inf).index_fill_(-1, torch.tensor(eos[:1]), 0.0)
+        return real_next(logits, *args, **kwargs)
+
+    monkeypatch.setattr(policy, "next_tokens", ending)
+    out = sample(model, tok, prompts, "static", group_size=1, gen_batch=3, max_new_tokens=40)
+    assert len(steps) == decoding.CHECK_EVERY  # not 40, and not 3: the first read after every row ended
+    assert out.completion_ids.shape == (3, 40) and out.completion_mask.sum(-1).tolist() == [3.0, 3.0, 3.0]
+
+
+def test_caches_that_are_not_laid_out_decode_eagerly(tiny_model, monkeypatch):
+    """Sliding-window models (no laid-out cache) and 1-token prompts (no cache) take the eager loop."""
+    model, tok = load(tiny_model)
+    monkeypatch.setattr(policy, "lay_out", lambda cache, rows, room: False)
+    monkeypatch.setattr(decoding, "decode_static", lambda *a, **k: pytest.fail("decoded statically"))
+    out = sample(model, tok, prompt_batch(tok), "static", greedy=True)
+    monkeypatch.undo()
+    assert torch.equal(out.completion_ids, sample(model, tok, prompt_batch(tok), "eager", greedy=True).completion_ids)
+
+
+def test_decode_modes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [decoding.mode_for(m, cpu) for m in decoding.MODES] == ["eager", "eager", "static", "static"]
+    assert [decoding.mode_for(m, cuda) for m in decoding.MODES] == ["graph", "eager", "static", "graph"]
+    assert config.FIELDS["decode"].default == "auto"
+    with pytest.raises(UserError, match="decode='fast': choose one of auto, eager, static, graph"):
+        config.validate(config.Config(decode="fast"))

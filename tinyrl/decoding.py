@@ -1,0 +1,166 @@
+"""Shape-static decoding (a leaf of policy.py: imports no other tinyrl module): a decoding step whose tensors keep one shape and one address from token to token, so that
+on CUDA it is captured once as a CUDA graph and replayed per token (`decode_static(..., graphs=True)`).
+
+Eager decoding (policy.decode) issues every kernel of every layer from Python, token after token: for a 0.5B model
+thousands of launches per token, and a 200-token rollout is bound by them rather than by the GPU (issue #15: 1,811
+tokens/s on an H100). A replayed graph issues the whole step at once. What differs from policy.decode, and why it
+samples the same tokens:
+
+- the cache is the laid-out one (policy.lay_out) and its layers answer with the whole buffer, not the filled part;
+  a mask [b, 1, 1, N] (`masked`) hides the unfilled positions and the left padding. A masked position adds nothing
+  to the softmax: the same attention;
+- the positions, the write index and the step count are device tensors, advanced in place;
+- the uniforms of inverse-CDF sampling are drawn for all steps before the first (policy.generate draws them for
+  either path), so graph replays consume no random numbers of their own;
+- whether every row has ended is read every CHECK_EVERY tokens (a host sync), not every token; steps after the last
+  row ended write pads only, which policy.generate drops.
+
+The graph lives for one call: its buffers (the cache among them) are freed before training, so the planner counts
+one decoding step's temporaries as the graph's pool during generation only (budget.estimate). CPU decodes eagerly.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+CHECK_EVERY = 8  # tokens between two reads of "has every row ended" (each read waits for the device)
+WARMUP_STEPS = 2  # eager steps before the capture (cuBLAS and allocator set-up happen outside the graph)
+MODES = ("auto", "eager", "static", "graph")
+_failed: set[str] = set()  # capture failures already reported (one line per kind and process)
+
+
+def mode_for(decode: str, device: torch.device) -> str:
+    """`auto`: graphs on CUDA, eager elsewhere. `static` runs the shape-static step without a graph (any device)."""
+    if decode == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if decode == "graph" and device.type != "cuda":
+        return "static"  # a CUDA graph needs CUDA; the same steps run without one
+    return decode
+
+
+def laid_out(cache) -> bool:
+    """Whether every layer of `cache` is policy.lay_out's, with the room the static step writes into."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, "buffers") for layer in layers)
+
+
+@functools.lru_cache(maxsize=None)
+def _static_layer_class(laid_out_class: type):
+    """policy.lay_out's layer, answering every update with the whole buffer after writing at the shared index `at`
+    (a device tensor): the same shapes and addresses at every step."""
+
+    class StaticLayer(laid_out_class):
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = self.buffers
+            keys.index_copy_(2, self.at, key_states)
+            values.index_copy_(2, self.at, value_states)
+            return keys, values
+
+    return StaticLayer
+
+
+def masked(config, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An attention mask that masks everything, as the model's attention takes it: bool for SDPA (True attends;
+    transformers makes the same), else additive in the compute dtype (0 attends; the dtype's minimum masks)."""
+    if getattr(config, "_attn_implementation", None) == "sdpa":  # an additive bf16 minimum plus a negative score
+        return torch.zeros(shape, dtype=torch.bool, device=device)  # rounds to -inf: NaN in CPU SDPA's blocks
+    return torch.full(shape, torch.finfo(dtype).min, dtype=dtype, device=device)
+
+
+class StaticStep:
+    """The state of b rows decoding into a laid-out cache, every tensor allocated once; `step()` samples one token
+    per row and advances it in place. The rows' prompts are in the cache but for their last token (as for
+    policy.decode)."""
+
+    def __init__(self, decoder, head, keyword: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *,
+                 sample, max_new_tokens: int, min_new_tokens: int, eos: list[int], pad: int, temperature: float,
+                 top_p: float, greedy: bool, uniforms: torch.Tensor | None):
+        self.decoder, self.head, self.keyword, self.sample = decoder, head, keyword, sample
+        self.cache, self.pad, self.min_new_tokens = cache, pad, min_new_tokens
+        self.sampling = dict(temperature=temperature, top_p=top_p, greedy=greedy)
+        dev, b = input_ids.device, input_ids.shape[0]
+        first = cache.layers[0]
+        n, size, dtype = first.keys.shape[-2], first.buffers[0].shape[-2], first.buffers[0].dtype
+        if size < n + max_new_tokens:
+            raise RuntimeError(f"laid-out cache of {size} positions has no room for {max_new_tokens} tokens after {n}")
+        self.at = torch.tensor([n], device=dev)  # where the next token's K/V go
+        self.i = torch.zeros(1, dtype=torch.long, device=dev)  # the step
+        self.mask = masked(self.decoder.config, (b, 1, 1, size), dtype, dev)  # [b, 1, 1, N]
+        self.attend = True if self.mask.dtype == torch.bool else 0
+        self.mask[:, 0, 0, :n].masked_fill_(attention_mask[:, :n].bool(), self.attend)
+        static = _static_layer_class(type(first))
+        for layer in cache.layers:
+            layer.__class__, layer.at = static, self.at
+            layer.keys, layer.values = layer.buffers
+            for buffer in layer.buffers:  # attention reads the unfilled part too (weighted 0: it must not be NaN)
+                buffer[:, :, n:].zero_()
+        self.token = input_ids[:, -1:].clone()  # [b, 1] the last prompt token, not yet in the cache
+        self.position = attention_mask.sum(-1, keepdim=True) - 1  # [b, 1] its position (left padding aware)
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)  # [b]
+        self.out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)  # [b, Tc]
+        self.eos = torch.tensor(eos, device=dev)
+        self.uniforms = uniforms  # [Tc, b, 1] float64, or None when greedy
+
+    def step(self) -> None:
+        self.mask.index_fill_(-1, self.at, self.attend)  # the new token attends to itself
+        out = self.decoder(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
+                           use_cache=True, **{self.keyword: self.cache})
+        logits = self.head(out.last_hidden_state[:, -1]).float()  # [b, V]
+        del out
+        if self.min_new_tokens:
+            logits[:, self.eos] = torch.where(self.i < self.min_new_tokens, -torch.inf, logits[:, self.eos])
+        u = None if self.uniforms is None else self.uniforms.index_select(0, self.i)[0]  # [b, 1]
+        token = torch.where(self.done, self.pad, self.sample(logits, **self.sampling, u=u))  # [b]
+        del logits
+        self.out.index_copy_(1, self.i, token[:, None])
+        self.done |= torch.isin(token, self.eos)
+        self.token.copy_(token[:, None])
+        self.position.add_(1)
+        self.at.add_(1)
+        self.i.add_(1)
+
+    def capture(self):
+        """The step as a CUDA graph's replay, or None (reported once) where capture fails, e.g. for a kernel that
+        syncs with the host: the caller then runs the same steps without a graph."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up steps' cached temporaries: the graph's pool holds its own
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step()
+        except Exception as err:  # noqa: BLE001 - whatever failed, the eager steps are correct
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
+            if reason not in _failed:
+                _failed.add(reason)
+                print(f"decoding without CUDA graphs: capture failed ({reason})", file=sys.stderr, flush=True)
+            return None
+        return graph.replay
+
+
+def decode_static(decoder, head, keyword: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *,
+                  max_new_tokens: int, graphs: bool, **kw) -> torch.Tensor:
+    """policy.decode's contract ([b, Tc'] new tokens, pad after a row's first EOS) on a laid-out cache, the step
+    shape-static and, with `graphs` (CUDA), captured after WARMUP_STEPS eager steps and replayed. Tc' is a
+    multiple of CHECK_EVERY (or max_new_tokens): columns after every row ended are pads. `decoder`, `head`: the
+    causal LM's; `keyword`: its cache argument; `sample`: policy.next_tokens (the rest as policy.decode's)."""
+    state = StaticStep(decoder, head, keyword, input_ids, attention_mask, cache, max_new_tokens=max_new_tokens, **kw)
+    run, taken = state.step, 0
+    if graphs:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            while taken < min(WARMUP_STEPS, max_new_tokens):
+                state.step()
+                taken += 1
+        torch.cuda.current_stream().wait_stream(stream)
+        if taken < max_new_tokens:
+            run = state.capture() or state.step
+    while taken < max_new_tokens:
+        if taken % CHECK_EVERY == 0 and taken and bool(state.done.all()):
+            break
+        run()
+        taken += 1
+    return state.out[:, :taken]
