@@ -111,7 +111,7 @@ def test_a_laid_out_cache_neither_grows_nor_copies_the_prompt_per_row():
     """policy.lay_out: the k prompts' K/V (k=2 here: 3 rows of G=4 can straddle two prompts) are copied into the
     full-length cache one layer at a time, so the repeated prompt rows exist for one layer only; nothing grows."""
     s = tiny_settings(gen_batch=3)
-    bd = estimate(TINY, s, prompt_len=6, repeats_kv=False, laid_out=True)
+    bd = estimate(TINY, s, prompt_len=6, repeats_kv=False, laid_out=True, graphs=False)
     names = {t.name for t in bd.terms}
     assert "KV growth (torch.cat of one layer)" not in names and "prompt KV before and after repeating" not in names
     prompt = bd.term("prompt KV (k distinct prompts)").bytes
@@ -122,6 +122,27 @@ def test_a_laid_out_cache_neither_grows_nor_copies_the_prompt_per_row():
     prefill, sampling = bd.term("prefill (one layer, no grad)").bytes, bd.term("sampling logits").bytes
     assert bd.generation == max(prompt + prefill, bd.term("KV cache").bytes + max(prompt + copy, sampling))
     assert estimate(replace(TINY, full_attention=False), s, prompt_len=6).term("KV growth (torch.cat of one layer)")
+
+
+def test_a_cuda_graph_holds_one_steps_temporaries_together():
+    """Replayed as a CUDA graph (tinyrl.decoding), a decoding step's temporaries live in the graph's pool from
+    capture to the last token: attention and sampling at once, plus the step's static buffers (the mask, 1 + c
+    bytes per position as bool or additive, the uniforms, the output tokens); by default on CUDA only."""
+    s = tiny_settings(gen_batch=3)  # Bg=3, Tp=6, Tc=4, T=10, c=2
+    bd = estimate(TINY, s, prompt_len=6, repeats_kv=True, laid_out=True, graphs=True)
+    attention = bd.term("decode attention: one layer's K/V repeated to H heads").bytes
+    sampling = bd.term("sampling logits").bytes
+    pool = bd.term("CUDA graph pool: one step's attention + sampling + static buffers").bytes
+    assert pool == attention + sampling + 3 * (10 * 3 + 4 * 16)
+    prompt, copy = bd.term("prompt KV (k distinct prompts)").bytes, bd.term("laying out: one layer's prompt K "
+                                                                             "repeated to Bg rows").bytes
+    prefill, kv = bd.term("prefill (one layer, no grad)").bytes, bd.term("KV cache").bytes
+    assert bd.generation == max(prompt + prefill, kv + max(prompt + copy, pool))
+    assert "graph pool" in bd.generation_rule
+    eager = estimate(TINY, s, prompt_len=6, repeats_kv=True, laid_out=True, graphs=False)
+    assert eager.generation == max(prompt + prefill, kv + max(prompt + copy, attention, sampling))
+    cpu = estimate(TINY, s, prompt_len=6, caps=DEVICES["cpu"], laid_out=True)
+    assert not any(t.name.startswith("CUDA graph") for t in cpu.terms)
 
 
 def test_lora_param_count_and_state():
@@ -425,16 +446,35 @@ def test_the_device_total_caps_the_budget():
 
 
 @pytest.mark.parametrize("name", list(PUBLIC_CONFIGS))
-def test_more_vram_never_gives_a_smaller_micro_batch(name):
-    g, last = geometry(name), 0
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_more_vram_never_gives_a_smaller_micro_batch_at_the_same_level(name, device):
+    """On CUDA the micro-batch grows to the most that fits, so where more memory buys a better level (16-bit weights,
+    no recomputation) the micro-batch may start smaller again; within a level it never shrinks."""
+    g, last, fitted = geometry(name), {}, False
     for tenth in range(10, 800, 5):  # 1.0 GiB .. 79.5 GiB
         try:
-            p = plan(g, tenth * GiB // 10, PROMPTS)
+            p = plan(g, tenth * GiB // 10, PROMPTS, DEVICES[device])
         except UserError:
-            assert last == 0, "a budget failed after a smaller one fitted"
+            assert not fitted, "a budget failed after a smaller one fitted"
             continue
-        assert p.micro_batch >= last, f"{tenth / 10} GiB gave micro_batch {p.micro_batch} < {last}"
-        last = p.micro_batch
+        fitted, level = True, (p.quant, p.grad_checkpointing)
+        assert p.micro_batch >= last.get(level, 0), f"{tenth / 10} GiB gave micro_batch {p.micro_batch} at {level}"
+        last[level] = p.micro_batch
+
+
+def test_on_cuda_the_micro_batch_grows_to_the_most_that_fits():
+    """A GPU micro-batch costs its kernel launches whatever its rows, so the plan takes the most rows that fit
+    (the next power of two would not); a CPU keeps the ~4k-token target."""
+    for vram in ("8G", "24G", "80G"):
+        p = plan(QWEN, parse_bytes(vram), PROMPTS)
+        t = p.prompt_len + p.max_new_tokens
+        assert p.micro_batch > budget.TOKENS_PER_MICRO // t
+        if p.micro_batch < 256:
+            more = replace(p.settings(), micro_batch=2 * p.micro_batch)
+            assert estimate(QWEN, more, p.prompt_len).peak > p.budget_bytes
+        assert "the most that fit" in dict((k, w) for k, _, w in p.reasons)["micro_batch"]
+    cpu = plan(QWEN, parse_bytes("80G"), PROMPTS, DEVICES["cpu"])
+    assert cpu.micro_batch == 8  # 4096 // (247 + 200) tokens = 9, to a power of two
 
 
 def test_format_plan_shows_every_term_and_knob():

@@ -16,7 +16,8 @@ What is modelled (the training loop must keep to it, or the estimate is wrong):
     grads freed between steps (`zero_grad(set_to_none=True)`);
   - generation: policy.decode, Bg sequences at a time; the distinct prompts of those Bg are prefilled once and
     their cache rows copied for each completion into a cache laid out at full length (policy.shared_prefill,
-    policy.lay_out; where transformers cannot, a DynamicCache grown by torch.cat);
+    policy.lay_out; where transformers cannot, a DynamicCache grown by torch.cat); on CUDA each decoding step is
+    a replayed CUDA graph (tinyrl.decoding) whose pool holds one step's temporaries together;
   - a decoding step of a grouped-query model repeats one layer's K/V to every head where transformers' SDPA
     path does so (`decode_repeats_kv`);
   - training: the no-grad reference pass (adapter disabled) of a micro-batch, then its forward/backward;
@@ -585,6 +586,7 @@ def estimate(
     repeats_kv: bool | None = None,
     laid_out: bool | None = None,
     autograd_logprobs: bool = False,
+    graphs: bool | None = None,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
     (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
@@ -594,7 +596,8 @@ def estimate(
     whether decoding repeats K/V to every head (default: what the installed transformers does). `laid_out`:
     whether generation lays the cache out at full length once (policy.lay_out; default: where it can).
     `autograd_logprobs`: log-prob chunks through autograd (16 B per element with grad, 8 without), as for a head
-    that is not a plain Linear and as every run did before policy._TokenLogprob, to re-score those."""
+    that is not a plain Linear and as every run did before policy._TokenLogprob, to re-score those. `graphs`:
+    whether decoding replays a CUDA graph (default: on CUDA where the cache is laid out, as decode=auto does)."""
     g, s = geometry, settings
     c = DTYPES[s.dtype]
     L, D, V, I, H = g.layers, g.hidden, g.vocab, g.intermediate, g.heads  # noqa: N806 - the shape vocabulary
@@ -672,10 +675,21 @@ def estimate(
     if dequant:
         add("generation", "dequantised weight (NF4 -> c)", dequant, "max(in·out)·c")
     # a decoding step's moments come one after another: a layer's cache grows (or is laid out, before the first
-    # step), then its attention runs; sampling follows the last layer (policy.decode frees the logits first)
-    generation = max(prompt_kv + prefill, kv + max(growth, attention, sampling)) + dequant
+    # step), then its attention runs; sampling follows the last layer (policy.decode frees the logits first).
+    # Replayed as a CUDA graph (tinyrl.decoding, on CUDA where the cache is laid out), the step's temporaries stay
+    # allocated in the graph's pool from capture to the last token: counted together, not one after another
+    if graphs is None:
+        graphs = caps.cuda and laid_out
+    step_moment, step_rule = max(attention, sampling), "max(attention, sampling)"
+    if graphs:
+        step_moment = add("generation", "CUDA graph pool: one step's attention + sampling + static buffers",
+                          attention + sampling + bg * (t * (1 + c) + tc * 16),
+                          f"attention + sampling + Bg·(T·(1+c) + Tc·16) = {attention} + {sampling} + "
+                          f"{bg}·({t}·{1 + c} + {tc}·16)")
+        step_rule = "graph pool"
+    generation = max(prompt_kv + prefill, kv + max(growth, step_moment)) + dequant
     grow = "prompt KV + laying out" if laid_out else "growth"
-    generation_rule = (f"max(prompt KV + prefill, KV + max({grow}, attention, sampling))"
+    generation_rule = (f"max(prompt KV + prefill, KV + max({grow}, {step_rule}))"
                        + (" + dequantised" if dequant else ""))
 
     # training: reference pass, then forward/backward of one micro-batch, then the optimiser step -------
@@ -826,7 +840,8 @@ def plan(
       4. otherwise the cheapest level and rank with smaller micro-batch and gen_batch (down to 1);
       5. otherwise, the last resort, shorter completions (down to MIN_NEW_TOKENS) with micro_batch 1;
       6. the rank is raised back up wherever that costs nothing;
-      7. logprob_chunk: the most rows (<= micro_batch, <= LOGPROB_CHUNK_MAX) that do not raise the peak.
+      7. logprob_chunk: the most rows (<= micro_batch, <= LOGPROB_CHUNK_MAX) that do not raise the peak;
+      8. before 7, on CUDA: micro_batch grown to the most that fits (each micro-batch costs kernel launches).
     """
     pins = _check_pins(dict(pins or {}), caps)
     start = {**PAPER, "lora_rank": DEFAULT_LORA_RANK, **(base or {}), **pins}
@@ -904,6 +919,10 @@ def plan(
     quant, ckpt, rank, bg, b, tc = chosen
     # 6. the rank back up where it is free
     rank = next(r for r in ranks if r >= rank and peak(settings(quant, ckpt, r, bg, b, tc)) <= budget)
+    # 8 (before 7, which depends on it). On CUDA, the largest micro-batch the budget allows: a GPU micro-batch costs
+    # its kernel launches whatever its rows, so fewer, larger ones are faster; a CPU gains nothing past ~4k tokens
+    if caps.cuda and "micro_batch" not in pins and stage == "preferred":
+        b = next((x for x in _halvings(n_seq, b + 1) if peak(settings(quant, ckpt, rank, bg, x, tc)) <= budget), b)
     # 7. log-prob chunk: the most rows that do not raise the peak
     base_peak = peak(settings(quant, ckpt, rank, bg, b, tc, 1))
     chunk = 1
@@ -1070,7 +1089,13 @@ def _reasons(g, s, bd, tp, lengths, caps, pins, start, stage, budget, encoder_by
         gen_why += f"; {bigger} would need {format_bytes(alt(gen_batch=bigger))}"
     out.append(why("gen_batch", gen_why))
     target = min(n_seq, _pow2_floor(max(1, TOKENS_PER_MICRO // t)))
-    if s.micro_batch >= target:
+    if caps.cuda and s.micro_batch >= target:
+        micro_why = (f"{s.micro_batch}·{t} tokens per forward: the most that fit (on a GPU a micro-batch costs its "
+                     "kernel launches whatever its size)")
+        if s.micro_batch < n_seq:
+            bigger = next(x for x in reversed(_halvings(n_seq, 1)) if x > s.micro_batch)
+            micro_why += f"; {bigger} would need {format_bytes(alt(micro_batch=bigger))}"
+    elif s.micro_batch >= target:
         micro_why = f"{s.micro_batch}·{t} tokens per forward (~{TOKENS_PER_MICRO} tokens; more buys little speed)"
     else:
         micro_why = f"{2 * s.micro_batch} would need {format_bytes(alt(micro_batch=2 * s.micro_batch))}"

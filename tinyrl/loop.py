@@ -123,7 +123,7 @@ def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
         meter.cap_cuda_memory(budget.parse_bytes(cfg.vram), budget.CUDA_CONTEXT_BYTES, device, quiet)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA weights: fp32 whatever the compute dtype
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # one kernel
     fp16 = policy.causal_lm(model).dtype == torch.float16  # fp16 gradients underflow without a loss scale
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     enc = mem = None
@@ -253,21 +253,21 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
     """Zero the gradients, then forward and backward every micro-batch: (summed loss, mean KL per completion).
     What an out-of-memory retry repeats: nothing here touches the weights or the optimizer's state."""
     n = batch.input_ids.shape[0]
-    total_loss, kls = 0.0, []
+    losses, kls = [], []
     temperature = cfg.temperature if cfg.score_at_temperature else 1.0
     # backward sets the peak: in fp32 on CPU, handing the forward's freed heap back first lowers peak RSS by
     # ~150 MB at no measured cost (in bf16 it lowered nothing; docs/memory.md)
     trim = device.type == "cpu" and policy.causal_lm(model).dtype == torch.float32
     optimizer.zero_grad(set_to_none=True)
+    # the batch goes to the device once, and the loss and KL come back once: each crossing waits for the device
+    on_device = [t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.completion_mask, batch.advantages)]
     for s in range(0, n, cfg.micro_batch):
-        ids, attn = batch.input_ids[s:s + cfg.micro_batch], batch.attention_mask[s:s + cfg.micro_batch]
-        cmask = batch.completion_mask[s:s + cfg.micro_batch]  # [b, Tc]
-        tc = int(cmask.sum(-1).max().item())
-        tp = ids.shape[1] - cmask.shape[1]
-        first = int(attn[:, :tp].sum(0).nonzero()[0].item()) if attn[:, :tp].any() else 0
-        ids, attn = ids[:, first:tp + tc].to(device), attn[:, first:tp + tc].to(device)  # [b, T']
-        cmask = cmask[:, :tc].to(device)  # [b, tc]
-        adv = batch.advantages[s:s + cfg.micro_batch].to(device)  # [b]
+        rows, cmask = slice(s, s + cfg.micro_batch), batch.completion_mask[s:s + cfg.micro_batch]  # [b, Tc] (host)
+        tc, tp = int(cmask.sum(-1).max()), batch.input_ids.shape[1] - cmask.shape[1]  # trimmed on the host copies
+        attn = batch.attention_mask[rows, :tp]
+        first = int(attn.sum(0).nonzero()[0]) if attn.any() else 0
+        ids, attn, cmask, adv = (on_device[0][rows, first:tp + tc], on_device[1][rows, first:tp + tc],
+                                 on_device[2][rows, :tc], on_device[3][rows])  # [b, T'], [b, T'], [b, tc], [b]
         ref = (policy.reference_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)
                if cfg.kl_beta else None)
         logp = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)  # [b, tc]
@@ -275,9 +275,9 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
         if trim:
             meter.release_freed()
         (scaler.scale(loss) if scaler else loss).backward()
-        total_loss += loss.item()
-        kls.append(kl.cpu())
-    return total_loss, torch.cat(kls).mean().item()
+        losses.append(loss.detach())
+        kls.append(kl)
+    return float(torch.stack(losses).sum()), float(torch.cat(kls).mean())
 
 
 def update(optimizer, scaler, max_grad_norm: float, loss: float, kl: float) -> StepResult:
