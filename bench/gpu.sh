@@ -3,9 +3,15 @@
 #   .whl/   wheels the GPU image lacks: usearch + numkong, bitsandbytes, trl, datasets, dill, multiprocess
 #   .gpu/   a GSM8K sample (.gpu/gsm8k/{train,test}.jsonl, the first 200/50 lines of ../shared/data/gsm8k)
 # (bench/gpu_prep.sh makes both, and the .gpu/stage1, stage2 and learn folders of the `learn` mode.)
-# Usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16|stage|learn   Results land in $OUT (default
-# /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the same warm
-# machine (issue it at once: the machine goes back after 30 s idle) can add rows to it (`second`).
+# Usage: bash bench/gpu.sh fast|fast2|first|second|tests|quick|sweep|top_p|frag|trl|fp16|stage|learn   Results land in
+# $OUT (default /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the
+# same warm machine (issue it at once: the machine goes back after 30 s idle) can add rows to it (`second`).
+#   fast:   (issue #15, ~6 min expected, not yet run) tests, then bench/profile_gpu.py on the Qwen2.5-0.5B geometry
+#           (P=8 G=16, 200 tokens, bf16): eager against graph decoding (tokens/s, launches, same tokens), training
+#           at micro-batches 8/32/128; then torch.compile's reduce-overhead decoding and compiled decoder layers
+#           (stopped after COMPILE_LIMIT, default 150 s) -> profile_gpu.json, profile_gpu_compile.json
+#   fast2:  (issue #15, ~7 min expected, on the same warm machine right after `fast`) vs TRL (trl below), then the
+#           8G rows of bench/budget.py at the paper's settings (s/step, peaks against the plan, OOM back-offs)
 #   first:  tests, the headline rows of bench/budget.py (each geometry at 8G, Qwen at 4G) and the 12G/16G rows
 #           until LIMIT (default 270 s)
 #   second: trl, frag, then (if `first` ran on this machine) the rows of bench/budget.py it left, until
@@ -111,6 +117,14 @@ policy.convert_gguf('$STAGE/gguf', policy.SMOLLM2_GGUF, '$STAGE/smollm2-135m')"
     | grep -v "$quiet" | tee "$OUT/learn_log.txt"
 }
 
+profile() {  # issue #15: where a step's time goes, eager against graph decoding, micro-batch sizes
+  qwen
+  timeout 240 python3 bench/profile_gpu.py --model $QWEN --out "$OUT/profile_gpu.json" 2>&1 | grep -v "$quiet" \
+    | tee "$OUT/profile_log.txt"
+  timeout "${COMPILE_LIMIT:-150}" python3 bench/profile_gpu.py --model $QWEN --modes graph,compile --micro-batches 32 \
+    --compile-layers --out "$OUT/profile_gpu_compile.json" 2>&1 | grep -v "$quiet" | tee "$OUT/profile_compile_log.txt"
+}
+
 first() {
   tests
   sweep "${LIMIT:-270}" --rows qwen:8G,llama:8G,falcon:8G,falcon:16G,qwen:4G,qwen:12G,llama:12G,falcon:12G,qwen:16G,llama:16G
@@ -123,6 +137,8 @@ second() {
 }
 
 case "${1:-}" in
+  fast) tests; profile ;;
+  fast2) trl "${TRL_LIMIT:-200}"; sweep "${LIMIT:-150}" --rows qwen:8G,llama:8G,falcon:8G ;;
   first) first ;;
   second) second ;;
   tests) tests ;;
@@ -133,5 +149,6 @@ case "${1:-}" in
   trl) trl "${LIMIT:-120}" ;;
   fp16) fp16 ;;
   learn) learn ;;
-  *) echo "usage: bash bench/gpu.sh first|second|tests|quick|sweep|top_p|frag|trl|fp16|stage|learn" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu.sh fast|fast2|first|second|tests|quick|sweep|top_p|frag|trl|fp16|stage|learn" >&2
+     exit 2 ;;
 esac

@@ -164,8 +164,7 @@ def write_json_atomic(path: str, obj) -> None:
 
 def tinyrl_prompts(data: str, steps: int):
     """The P examples of each step exactly as tinyrl's loop draws them: [steps][P] Examples."""
-    from tinyrl.loop import examples_for_step
-    from tinyrl.tasks import load_task
+    from tinyrl.tasks import examples_for_step, load_task
 
     train = load_task("gsm8k", data, "train", SEED, None)
     return [examples_for_step(train, s, P, SEED) for s in range(steps)]

@@ -1,10 +1,13 @@
-"""bench/learn.py runs end to end in both modes (the tiny random model, 2 steps a method), and records what its
-results file promises: the base eval, each method's eval, gain and curves, the settings and the hardware."""
+"""Benches run end to end on the tiny random model: bench/learn.py in both modes (2 steps a method), recording
+what its results file promises (the base eval, each method's eval, gain and curves, the settings and the
+hardware); bench/profile_gpu.py and bench/vs_trl.py in their smoke modes."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +52,40 @@ def test_learn_gpu_mode_runs_gsm8k_at_the_papers_settings_on_cpu(tmp_path, gsm8k
         assert all(os.path.exists(os.path.join(REPO, "bench", p)) for p in results["plots"])
         assert all(os.path.dirname(os.path.realpath(os.path.join(REPO, "bench", p))) == os.path.realpath(tmp_path / "learn")
                    for p in results["plots"])
+
+
+def run_bench(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TINYRL_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+
+
+def test_profile_gpu_runs_its_phases_on_cpu(tmp_path, tiny_model):
+    """bench/profile_gpu.py (issue #15's GPU profile) on a CPU: every phase timed with its useful FLOPs and bytes,
+    the shape-static decoding sampling exactly eager decoding's tokens; launches and card shares only on CUDA."""
+    out = tmp_path / "profile.json"
+    done = run_bench(tmp_path, "profile_gpu.py", "--device", "cpu", "--dtype", "fp32", "--smoke", "--model",
+                     tiny_model, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    phases = {p["phase"]: p for p in result["phases"]}
+    assert list(phases) == ["generate (eager)", "generate (static)", "train (micro_batch 2)", "train (micro_batch 4)"]
+    assert phases["generate (static)"]["same_tokens_as_eager"] == 1.0
+    for p in phases.values():
+        assert p["s"] > 0 and p["flops"] > 0 and p["bytes"] > 0 and p["launches"] is None and p["t4_estimate_s"] > 0
+        assert "share_of_peak_flops" not in p
+    # two micro-batches of 2 read the weights twice as often as one of 4, for the same FLOPs
+    small, large = phases["train (micro_batch 2)"], phases["train (micro_batch 4)"]
+    assert small["flops"] == large["flops"] and small["bytes"] == 2 * large["bytes"]
+    assert result["settings"]["P"] == 2 and result["hardware"]["peak_flops"] is None
+
+
+def test_vs_trl_smoke_runs_both_tools(tmp_path, tiny_model, gsm8k_dir):
+    """bench/vs_trl.py end to end on the tiny model (one short run per tool), so the bench cannot rot unseen."""
+    pytest.importorskip("trl")
+    out = tmp_path / "vs.json"
+    done = run_bench(tmp_path, "vs_trl.py", "--smoke", "--model", tiny_model, "--data", gsm8k_dir, "--prompts", "2",
+                     "--group", "2", "--new-tokens", "8", "--out", str(out))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"tinyrl", "trl"} and result["same_prompts"]

@@ -155,3 +155,14 @@ def test_decode_modes():
     assert config.FIELDS["decode"].default == "auto"
     with pytest.raises(UserError, match="decode='fast': choose one of auto, eager, static, graph"):
         config.validate(config.Config(decode="fast"))
+
+
+def test_the_static_step_needs_a_laid_out_cache_and_an_attention_that_takes_a_4d_mask():
+    from types import SimpleNamespace as NS
+
+    laid, grown = NS(layers=[NS(buffers=(None, None))] * 2), NS(layers=[NS(buffers=(None, None)), NS()])
+    assert decoding.supported(laid, NS(_attn_implementation="sdpa"))
+    assert decoding.supported(laid, NS(_attn_implementation="eager"))
+    assert not decoding.supported(laid, NS(_attn_implementation="flash_attention_2"))
+    assert not decoding.supported(grown, NS(_attn_implementation="sdpa"))
+    assert not decoding.supported(None, NS(_attn_implementation="sdpa"))  # 1-token prompts: no cache

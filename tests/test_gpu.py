@@ -143,3 +143,108 @@ def test_token_logprob_on_cuda_matches_autograd_and_holds_one_block():
     assert (h.grad.float() - want_grad.float()).norm() / want_grad.float().norm() < 1e-2
     planned = c * tc * v * budget.logprob_bytes(2)
     assert extra <= planned * 1.05 + 16 * MiB, (extra / MiB, planned / MiB)
+
+
+def _graph_model(folder: str, dtype: str, quant: str = "none"):
+    """The tiny model on CUDA with a non-zero adapter, and 4 left-padded prompts of unequal lengths."""
+    from tinyrl import policy
+    from tinyrl.types import Example, PromptBatch
+
+    model, tok, _ = policy.load_policy(folder, quant=quant, dtype=dtype, device="cuda", lora_rank=4, lora_alpha=8,
+                                       grad_checkpointing=False, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    texts = ["<|user|>" + "what is 12 + 30? " * (1 + 3 * i) + "<eos><|assistant|>" for i in range(4)]
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    return model, tok, PromptBatch(tuple(Example(f"q{i}", "1", i) for i in range(4)), ("",) * 4, enc["input_ids"],
+                                   enc["attention_mask"])
+
+
+def _launches(fn) -> int:
+    """Kernel and graph launches the host issues while fn runs (CUDA runtime and driver API calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+    return sum(e.count for e in prof.key_averages() if e.key in names)
+
+
+@pytest.mark.parametrize("dtype,quant", [("fp32", "none"), ("bf16", "none"), ("bf16", "4bit")])
+def test_graph_decoding_samples_the_tokens_of_eager_decoding(tmp_path, monkeypatch, dtype, quant):
+    """decode=auto on CUDA replays one captured graph per token: greedy and seeded sampled tokens as eager
+    decoding's (on CPU the shape-static step is exactly equal, tests/test_decoding.py; here attention over the
+    whole buffer may round differently, so a near-tie may flip), captured once per generate batch, and a small
+    fraction of eager decoding's kernel launches."""
+    if quant == "4bit":
+        pytest.importorskip("bitsandbytes")
+    from tiny import make_tiny_model
+
+    from tinyrl import decoding, policy
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tok, prompts = _graph_model(make_tiny_model(str(tmp_path / "model"), hidden=256, layers=4), dtype, quant)
+    captures = []
+    real_capture = decoding.StaticStep.capture
+    monkeypatch.setattr(decoding.StaticStep, "capture", lambda self: captures.append(real_capture(self)) or
+                        captures[-1])
+
+    def run(mode, **kw):
+        torch.manual_seed(11)
+        return policy.generate(model, tok, prompts, group_size=8, max_new_tokens=96, gen_batch=16,
+                               decode_mode=mode, **kw).completion_ids
+
+    for kw in (dict(greedy=True), dict(min_new_tokens=96)):
+        eager, graph = run("eager", **kw), run("auto", **kw)
+        assert (eager == graph).float().mean() > (0.99 if dtype == "fp32" else 0.95), kw
+    assert len(captures) == 4 and all(c is not None for c in captures)  # 2 batches x 2 calls, none fell back
+    eager_launches = _launches(lambda: run("eager", min_new_tokens=96))
+    graph_launches = _launches(lambda: run("auto", min_new_tokens=96))
+    assert graph_launches * 5 < eager_launches, (graph_launches, eager_launches)
+
+
+def test_a_training_step_waits_for_the_device_the_same_number_of_times_for_any_micro_batch(tmp_path):
+    """The step's own host syncs are per step (the batch to the device, the loss and KL back, the gradient norm),
+    not per micro-batch; what remains per micro-batch is transformers' mask check in each decoder call (at most
+    3: reference, forward, checkpointed recompute). And the optimizer is the fused AdamW."""
+    import warnings
+
+    from tiny import make_tiny_model
+
+    from tinyrl import loop
+    from tinyrl.config import Config
+    from tinyrl.types import TrainBatch
+
+    folder = make_tiny_model(str(tmp_path / "model"), hidden=256, layers=4)
+    cfg = Config(task="toy", model=folder, out=str(tmp_path / "run"), device="cuda", quant="none", dtype="bf16",
+                 lora_rank=4, logprob_chunk=1)
+    parts = loop.load_parts(cfg, None, quiet=True)
+    assert parts.optimizer.param_groups[0]["fused"] is True
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 80, (8, 40), generator=g)
+    mask = torch.ones(8, 40, dtype=torch.long)
+    mask[::2, :5] = 0  # left padding on half the rows
+    cmask = torch.ones(8, 20)
+    cmask[1::2, 15:] = 0
+    batch = TrainBatch(input_ids=ids, attention_mask=mask, completion_mask=cmask,
+                       advantages=torch.linspace(-1, 1, 8))
+
+    def syncs(micro_batch: int) -> int:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loop.train_step(parts.model, parts.optimizer, batch, loop.with_overrides(cfg, micro_batch=micro_batch),
+                                parts.device)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(w.message) for w in caught)
+
+    syncs(8)  # warm-up (lazy initialisation syncs once)
+    one, four = syncs(8), syncs(2)
+    print(f"host syncs per step: {one} with 1 micro-batch, {four} with 4")
+    assert four - one <= 3 * 3, (one, four)

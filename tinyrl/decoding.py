@@ -1,5 +1,6 @@
-"""Shape-static decoding (a leaf of policy.py: imports no other tinyrl module): a decoding step whose tensors keep one shape and one address from token to token, so that
-on CUDA it is captured once as a CUDA graph and replayed per token (`decode_static(..., graphs=True)`).
+"""Shape-static decoding (a leaf of policy.py: imports no other tinyrl module): a decoding step whose tensors keep
+one shape and one address from token to token, so that on CUDA it is captured once as a CUDA graph and replayed
+per token (`decode_static(..., graphs=True)`).
 
 Eager decoding (policy.decode) issues every kernel of every layer from Python, token after token: for a 0.5B model
 thousands of launches per token, and a 200-token rollout is bound by them rather than by the GPU (issue #15: 1,811
@@ -41,10 +42,12 @@ def mode_for(decode: str, device: torch.device) -> str:
     return decode
 
 
-def laid_out(cache) -> bool:
-    """Whether every layer of `cache` is policy.lay_out's, with the room the static step writes into."""
+def supported(cache, config) -> bool:
+    """Whether the static step can run: every layer of `cache` is policy.lay_out's (with the room it writes into),
+    and the model's attention takes a 4-D mask as it is (SDPA and eager do; flash-attention kernels do not)."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(hasattr(layer, "buffers") for layer in layers)
+    return (bool(layers) and all(hasattr(layer, "buffers") for layer in layers)
+            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,10 +66,11 @@ def _static_layer_class(laid_out_class: type):
 
 
 def masked(config, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An attention mask that masks everything, as the model's attention takes it: bool for SDPA (True attends;
-    transformers makes the same), else additive in the compute dtype (0 attends; the dtype's minimum masks)."""
-    if getattr(config, "_attn_implementation", None) == "sdpa":  # an additive bf16 minimum plus a negative score
-        return torch.zeros(shape, dtype=torch.bool, device=device)  # rounds to -inf: NaN in CPU SDPA's blocks
+    """An attention mask that masks everything, of the kind transformers makes for the model's attention (so the
+    same kernels run as in eager decoding): bool for SDPA (True attends), else additive in the compute dtype (0
+    attends; the dtype's minimum masks)."""
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        return torch.zeros(shape, dtype=torch.bool, device=device)
     return torch.full(shape, torch.finfo(dtype).min, dtype=dtype, device=device)
 
 
@@ -102,6 +106,8 @@ class StaticStep:
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)  # [b]
         self.out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)  # [b, Tc]
         self.eos = torch.tensor(eos, device=dev)
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+        self.is_eos = torch.zeros(vocab, dtype=torch.bool, device=dev).index_fill_(0, self.eos, True)  # [V]
         self.uniforms = uniforms  # [Tc, b, 1] float64, or None when greedy
 
     def step(self) -> None:
@@ -110,13 +116,13 @@ class StaticStep:
                            use_cache=True, **{self.keyword: self.cache})
         logits = self.head(out.last_hidden_state[:, -1]).float()  # [b, V]
         del out
-        if self.min_new_tokens:
-            logits[:, self.eos] = torch.where(self.i < self.min_new_tokens, -torch.inf, logits[:, self.eos])
+        if self.min_new_tokens:  # EOS held back: a where over [b, V] (no indexing, nothing the host must wait for)
+            logits = torch.where(self.is_eos & (self.i < self.min_new_tokens), -torch.inf, logits)
         u = None if self.uniforms is None else self.uniforms.index_select(0, self.i)[0]  # [b, 1]
         token = torch.where(self.done, self.pad, self.sample(logits, **self.sampling, u=u))  # [b]
         del logits
         self.out.index_copy_(1, self.i, token[:, None])
-        self.done |= torch.isin(token, self.eos)
+        self.done |= (token[:, None] == self.eos).any(-1)
         self.token.copy_(token[:, None])
         self.position.add_(1)
         self.at.add_(1)
@@ -131,7 +137,9 @@ class StaticStep:
         try:
             with torch.cuda.graph(graph):
                 self.step()
-        except Exception as err:  # noqa: BLE001 - whatever failed, the eager steps are correct
+        except torch.cuda.OutOfMemoryError:
+            raise  # the loop's back-off halves gen_batch, as for any step that does not fit
+        except Exception as err:  # noqa: BLE001 - whatever else failed, the eager steps are correct
             reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
             if reason not in _failed:
                 _failed.add(reason)

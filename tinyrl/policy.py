@@ -342,8 +342,8 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
                                                       device=device)  # [Tc, b, 1]
             settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos=eos, pad=pad,
                             temperature=temperature, top_p=top_p, greedy=greedy, uniforms=uniforms)
-            if mode != "eager" and decoding.laid_out(cache):
-                causal = causal_lm(model)
+            causal = causal_lm(model)
+            if mode != "eager" and decoding.supported(cache, causal.config):
                 new = decoding.decode_static(causal.get_decoder(), causal.get_output_embeddings(),
                                              cache_keyword(model), ids[rows], mask[rows], cache, sample=next_tokens,
                                              graphs=mode == "graph", **settings)  # [b, Tc']
