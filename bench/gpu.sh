@@ -6,7 +6,7 @@
 # Usage: bash bench/gpu.sh fast|fast2|first|second|tests|quick|sweep|top_p|frag|trl|fp16|stage|learn   Results land in
 # $OUT (default /tmp/tinyrl-gpu-out); the sweep's file is also kept in /tmp/tinyrl-gpu-keep, so a second call on the
 # same warm machine (issue it at once: the machine goes back after 30 s idle) can add rows to it (`second`).
-#   fast:   (issue #15, ~6 min expected, not yet run) tests, then bench/profile_gpu.py on the Qwen2.5-0.5B geometry
+#   fast:   (issue #15, ~6 min expected, not yet run; carry [".whl", ".gpu/gsm8k"], 57 MiB) tests, then bench/profile_gpu.py on the Qwen2.5-0.5B geometry
 #           (P=8 G=16, 200 tokens, bf16): eager against graph decoding (tokens/s, launches, same tokens), training
 #           at micro-batches 8/32/128; then torch.compile's reduce-overhead decoding and compiled decoder layers
 #           (stopped after COMPILE_LIMIT, default 150 s) -> profile_gpu.json, profile_gpu_compile.json

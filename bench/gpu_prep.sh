@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data/gsm8k}
-TARGET=(--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
+TARGET=(--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64
+        --platform manylinux_2_28_x86_64
         --implementation cp --no-deps -q)
 
 learn() {

@@ -1,7 +1,7 @@
 """Where a GPU step's time goes, phase by phase: time, useful FLOP/s and memory traffic against the card's peak,
 and kernel launches; generation eagerly and as replayed CUDA graphs (and, with --modes ...,compile, torch.compile's
-"reduce-overhead" mode), training at several micro-batch sizes (and with every decoder layer
-compiled on its own: regional compilation, --compile-layers). Writes bench/results/profile_gpu.json.
+"reduce-overhead" mode), training at several micro-batch sizes (and with every decoder layer compiled on its own,
+regional compilation, or the log-prob chunk compiled: --compile-layers). Writes bench/results/profile_gpu.json.
 
     python bench/randmodel.py Qwen/Qwen2.5-0.5B-Instruct /tmp/tinyrl-budget/qwen
     python bench/profile_gpu.py --model /tmp/tinyrl-budget/qwen                 # P=8 G=16, 200 new tokens, bf16
@@ -192,16 +192,22 @@ def train_rows(parts, cfg, batch, args, work, device, card) -> list[dict]:
 
     adv = torch.linspace(-1, 1, batch.completion_ids.shape[0])
     tb = grpo.train_batch(batch, adv)
-    variants = [(b, False) for b in args.micro_batches] + ([(args.micro_batches[-1], True)] if args.compile_layers
-                                                             else [])
+    last = args.micro_batches[-1]
+    variants = [(b, "") for b in args.micro_batches]
+    if args.compile_layers:
+        variants += [(last, "compiled layers"), (last, "compiled log-prob chunk")]
     out = []
     layers = policy.causal_lm(parts.model).get_decoder().layers
+    real_chunk = policy._logprob_and_lse
     for b, compiled in variants:
         c = loop.with_overrides(cfg, micro_batch=b, logprob_chunk=min(4, b))
+        name = f"train (micro_batch {b}{', ' + compiled if compiled else ''})"
         try:
-            if compiled:  # regional compilation: each decoder layer compiled on its own (one graph, L uses)
+            if compiled == "compiled layers":  # regional compilation: each decoder layer on its own
                 for layer in layers:
                     layer.compile(dynamic=False)
+            elif compiled:  # the log-prob chunk's forward (its backward recomputes through policy._logits)
+                policy._logprob_and_lse = torch.compile(real_chunk, dynamic=False)
 
             def call():
                 return loop.train_step(parts.model, parts.optimizer, tb, c, device)
@@ -210,15 +216,14 @@ def train_rows(parts, cfg, batch, args, work, device, card) -> list[dict]:
             seconds, _ = timed(call, device)
             launched = launches(call, device)
         except Exception as err:  # noqa: BLE001
-            out.append({"phase": f"train (micro_batch {b}{', compiled layers' if compiled else ''})",
-                        "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            out.append({"phase": name, "error": f"{type(err).__name__}: {str(err)[:300]}"})
             continue
         finally:
             for layer in layers:
                 layer.__dict__.pop("_compiled_call_impl", None)
+            policy._logprob_and_lse = real_chunk
         flops, nbytes = work.train(b)
-        r = row(f"train (micro_batch {b}{', compiled layers' if compiled else ''})", seconds, flops, nbytes,
-                launched, card)
+        r = row(name, seconds, flops, nbytes, launched, card)
         out.append(r)
         print(json.dumps(r), flush=True)
     return out
@@ -238,7 +243,8 @@ def main() -> int:
     ap.add_argument("--modes", default="eager,graph", help="decoding modes, the first the reference for tokens: "
                     "eager, graph (static on a CPU), compile (torch.compile reduce-overhead)")
     ap.add_argument("--compile-layers", action="store_true",
-                    help="also train at the last micro-batch size with every decoder layer compiled")
+                    help="also train at the last micro-batch size with every decoder layer compiled, and with the "
+                    "log-prob chunk's forward compiled")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="P=2 G=2, 8-token prompts, 8 new tokens, micro-batch 2,4")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "profile_gpu.json"))

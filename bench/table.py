@@ -123,6 +123,32 @@ def gpu_rows() -> list[tuple[str, str, str, str]]:
                         "bench/budget.py"))
     out += vs_trl_rows("vs_trl_gpu.json", "Qwen2.5-0.5B geometry, bf16", "CUDA peak allocated",
                        "cuda_allocated_gib", "bench/vs_trl.py --device cuda")
+    return out + profile_rows(load("profile_gpu.json"))
+
+
+def profile_rows(result: dict | None) -> list[tuple[str, str, str, str]]:
+    """From bench/profile_gpu.py on a GPU: decoding eagerly against replayed CUDA graphs, and the training step
+    at its fastest micro-batch, with the T4 estimate (marked as one)."""
+    if not result or not result["hardware"].get("peak_flops"):
+        return []
+    phases = {p["phase"]: p for p in result["phases"] if "error" not in p}
+    eager, graph = phases.get("generate (eager)"), phases.get("generate (graph)")
+    s, hw, script = result["settings"], result["hardware"]["device"], "bench/profile_gpu.py"
+    what = f"{s['model']} geometry, {s['dtype']}, P={s['P']} G={s['G']}, {s['new_tokens']} tokens"
+    out = []
+    if eager and graph:
+        out.append((f"decoding: eager → one CUDA graph replay per token ({what})",
+                    f"{eager['tokens_per_s']:,.0f} → {graph['tokens_per_s']:,.0f} tokens/s, "
+                    f"{eager['launches']:,} → {graph['launches']:,} launches, same tokens "
+                    f"{100 * graph['same_tokens_as_eager']:.1f} %; T4 estimate {graph['t4_estimate_s']:.1f} s",
+                    hw, script))
+    trains = [p for name, p in phases.items() if name.startswith("train")]
+    if trains:
+        best = min(trains, key=lambda p: p["s"])
+        out.append((f"training step, fastest variant ({what})",
+                    f"{best['phase'][len('train ('):-1]}: {best['s']:.2f} s, "
+                    f"{100 * best['share_of_peak_flops']:.0f} % of peak FLOP/s; T4 estimate "
+                    f"{best['t4_estimate_s']:.1f} s", hw, script))
     return out
 
 

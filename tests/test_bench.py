@@ -89,3 +89,23 @@ def test_vs_trl_smoke_runs_both_tools(tmp_path, tiny_model, gsm8k_dir):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = json.loads(out.read_text())
     assert set(result["summary"]) == {"tinyrl", "trl"} and result["same_prompts"]
+
+
+def test_the_readme_table_shows_the_gpu_profile_only_from_a_gpu_result():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import table
+
+    phases = [{"phase": "generate (eager)", "tokens_per_s": 1811.0, "launches": 900000, "t4_estimate_s": 30.0},
+              {"phase": "generate (graph)", "tokens_per_s": 16000.0, "launches": 2000, "same_tokens_as_eager": 0.99,
+               "t4_estimate_s": 9.5},
+              {"phase": "train (micro_batch 8)", "s": 7.6, "share_of_peak_flops": 0.01, "t4_estimate_s": 20.0},
+              {"phase": "train (micro_batch 128)", "s": 1.2, "share_of_peak_flops": 0.06, "t4_estimate_s": 8.0},
+              {"phase": "train (micro_batch 128, compiled layers)", "error": "RuntimeError: x"}]
+    result = {"hardware": {"device": "NVIDIA H100 80GB HBM3", "peak_flops": 989e12}, "phases": phases,
+              "settings": {"model": "qwen", "dtype": "bf16", "P": 8, "G": 16, "new_tokens": 200}}
+    decode, train = table.profile_rows(result)
+    assert "1,811 → 16,000 tokens/s" in decode[1] and "900,000 → 2,000 launches" in decode[1]
+    assert "99.0 %" in decode[1] and "T4 estimate 9.5 s" in decode[1] and decode[2] == "NVIDIA H100 80GB HBM3"
+    assert train[1].startswith("micro_batch 128: 1.20 s, 6 % of peak")
+    assert table.profile_rows({**result, "hardware": {"device": "cpu", "peak_flops": None}}) == []
+    assert table.profile_rows(None) == []

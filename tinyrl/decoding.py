@@ -135,7 +135,7 @@ class StaticStep:
         torch.cuda.empty_cache()  # the warm-up steps' cached temporaries: the graph's pool holds its own
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls are theirs
                 self.step()
         except torch.cuda.OutOfMemoryError:
             raise  # the loop's back-off halves gen_batch, as for any step that does not fit
@@ -171,4 +171,8 @@ def decode_static(decoder, head, keyword: str, input_ids: torch.Tensor, attentio
             break
         run()
         taken += 1
-    return state.out[:, :taken]
+    out = state.out[:, :taken]
+    if graphs:
+        del run, state
+        torch.cuda.empty_cache()  # the graph's pool, so that neither the next batch nor training counts it
+    return out
