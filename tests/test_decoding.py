@@ -166,3 +166,100 @@ def test_the_static_step_needs_a_laid_out_cache_and_an_attention_that_takes_a_4d
     assert not decoding.supported(laid, NS(_attn_implementation="flash_attention_2"))
     assert not decoding.supported(grown, NS(_attn_implementation="sdpa"))
     assert not decoding.supported(None, NS(_attn_implementation="sdpa"))  # 1-token prompts: no cache
+
+
+class FakeCuda:
+    """Enough of torch.cuda for decode_static(graphs=True) to run its control flow on a CPU: a capture records the
+    step without its effects (the step's state is put back as it was) and each replay runs it; counts both."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.fail, self.captures, self.replays, self.emptied = fail, 0, 0, 0
+
+    def install(self, monkeypatch):
+        from contextlib import nullcontext
+        from types import SimpleNamespace
+
+        stream = SimpleNamespace(wait_stream=lambda other: None)
+        for name, value in {"Stream": lambda: stream, "current_stream": lambda: stream,
+                            "stream": lambda s: nullcontext(), "synchronize": lambda: None,
+                            "empty_cache": self.empty_cache, "CUDAGraph": self.graph_class(),
+                            "graph": self.capturing}.items():
+            monkeypatch.setattr(torch.cuda, name, value, raising=False)
+        real_init = decoding.StaticStep.__init__
+        fake = self
+
+        def init(state, *args, **kwargs):
+            real_init(state, *args, **kwargs)
+            fake.state = state
+
+        monkeypatch.setattr(decoding.StaticStep, "__init__", init)
+
+    def empty_cache(self):
+        self.emptied += 1
+
+    def graph_class(self):
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                fake.state.step()
+
+        return Graph
+
+    def capturing(self, graph, capture_error_mode="global"):
+        import contextlib
+
+        fake = self
+
+        @contextlib.contextmanager
+        def capture():
+            state = fake.state
+            tensors = [t for t in vars(state).values() if torch.is_tensor(t)]
+            tensors += [b for layer in state.cache.layers for b in layer.buffers]
+            saved = [t.clone() for t in tensors]
+            fake.captures += 1
+            yield
+            for t, s in zip(tensors, saved):  # a capture runs nothing: the step's writes are undone
+                t.copy_(s)
+            if fake.fail is not None:
+                raise fake.fail
+
+        return capture()
+
+
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(min_new_tokens=20)], ids=["greedy", "sampled"])
+def test_graph_mode_warms_up_captures_once_per_batch_and_replays_the_rest(tiny_model, monkeypatch, kw):
+    """decode_static's CUDA-graph control flow, run on a CPU with a fake torch.cuda: WARMUP_STEPS eager steps,
+    one capture per generate batch, a replay for every later token, the graph's pool emptied before the capture
+    and after the batch; the same tokens as eager decoding."""
+    model, tok = load(tiny_model)
+    prompts = prompt_batch(tok)
+    eager = sample(model, tok, prompts, "eager", **kw)
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    monkeypatch.setattr(decoding, "mode_for", lambda mode, device: "graph")
+    graph = sample(model, tok, prompts, "graph", **kw)
+    assert torch.equal(graph.completion_ids, eager.completion_ids)
+    assert fake.captures == 3 and fake.emptied == 6  # 3 batches: before each capture, after each batch
+    if "min_new_tokens" in kw:  # every row runs all 20 tokens: 2 warm-up steps, 18 replays per batch
+        assert fake.replays == 3 * (20 - decoding.WARMUP_STEPS)
+
+
+def test_a_failed_capture_decodes_the_same_steps_without_a_graph_and_says_so_once(tiny_model, monkeypatch, capsys):
+    model, tok = load(tiny_model)
+    prompts = prompt_batch(tok)
+    eager = sample(model, tok, prompts, "eager", min_new_tokens=20)
+    fake = FakeCuda(fail=RuntimeError("operation not permitted when stream is capturing\nmore"))
+    fake.install(monkeypatch)
+    monkeypatch.setattr(decoding, "mode_for", lambda mode, device: "graph")
+    monkeypatch.setattr(decoding, "_failed", set())
+    graph = sample(model, tok, prompts, "graph", min_new_tokens=20)
+    assert torch.equal(graph.completion_ids, eager.completion_ids)
+    assert fake.captures == 3 and fake.replays == 0
+    err = capsys.readouterr().err
+    assert err.count("decoding without CUDA graphs: capture failed (RuntimeError: operation not permitted when "
+                     "stream is capturing)") == 1
+    fake.fail = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # for the loop's back-off to halve gen_batch
+        sample(model, tok, prompts, "graph", min_new_tokens=20)
