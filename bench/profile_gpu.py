@@ -9,7 +9,8 @@ regional compilation, or the log-prob chunk compiled: --compile-layers). Writes 
         --compile-layers --out bench/results/profile_gpu_compile.json              # torch.compile, both phases
     python bench/profile_gpu.py --device cpu --smoke --model FOLDER --out x.json  # the same code on a CPU
 
-The work is fixed: every row generates exactly --new-tokens tokens (min_new_tokens = max_new_tokens), from
+The results file is rewritten after every phase (a run stopped by a time limit keeps what it measured). The work
+is fixed: every row generates exactly --new-tokens tokens (min_new_tokens = max_new_tokens), from
 prompts of --prompt-tokens tokens (random ids, each prompt left-padded to a different length, as a batch of real
 prompts is), sampled under one seed; every mode's tokens are compared with eager decoding's. Training runs
 loop.train_step (reference pass, forward and backward, fused AdamW) on the generated batch.
@@ -116,15 +117,20 @@ def timed(fn, device) -> tuple[float, object]:
 
 
 def launches(fn, device) -> int | None:
-    """Launch calls the profiler sees while fn runs once (None on a CPU)."""
+    """Launch calls the profiler sees while fn runs once (None on a CPU, or where the profiler fails: the phase's
+    time still counts)."""
     if device.type != "cuda":
         return None
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - e.g. no CUPTI
+        print(f"profiler failed, launches not counted: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return None
     return sum(e.count for e in prof.key_averages() if e.key in LAUNCHES)
 
 
@@ -140,7 +146,7 @@ def row(name: str, seconds: float, flops: float, nbytes: float, launched: int | 
     return out
 
 
-def generate_rows(model, tok, prompts, args, work, device, card) -> tuple[list[dict], object]:
+def generate_rows(model, tok, prompts, args, work, device, card, out: list, save) -> object:
     """Each decoding mode: a warm-up call, a timed one, two short profiled ones; tokens compared with the first
     mode's."""
     import torch
@@ -148,7 +154,7 @@ def generate_rows(model, tok, prompts, args, work, device, card) -> tuple[list[d
     from tinyrl import decoding, policy
 
     modes = [m if device.type == "cuda" or m != "graph" else "static" for m in args.modes]
-    out, reference, batch = [], None, None
+    reference, batch = None, None
     for mode in modes:
         real_step = decoding.StaticStep.step
         try:
@@ -166,10 +172,11 @@ def generate_rows(model, tok, prompts, args, work, device, card) -> tuple[list[d
             launched = None
             if mode != "compile":  # launches grow linearly with tokens: count two short calls, extrapolate
                 short, longer = (launches(lambda n=n: call(n), device) for n in (LAUNCH_TOKENS, 2 * LAUNCH_TOKENS))
-                if short is not None:
+                if short is not None and longer is not None:
                     launched = round(short + (longer - short) / LAUNCH_TOKENS * (args.new_tokens - LAUNCH_TOKENS))
         except Exception as err:  # noqa: BLE001 - a mode that fails is a result, not the end of the bench
             out.append({"phase": f"generate ({mode})", "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            save()
             continue
         finally:
             decoding.StaticStep.step = real_step
@@ -180,11 +187,12 @@ def generate_rows(model, tok, prompts, args, work, device, card) -> tuple[list[d
             reference, batch = (mode, rollouts.completion_ids), rollouts
         r[f"same_tokens_as_{reference[0]}"] = round((rollouts.completion_ids == reference[1]).float().mean().item(), 4)
         out.append(r)
+        save()
         print(json.dumps(r), flush=True)
-    return out, batch
+    return batch
 
 
-def train_rows(parts, cfg, batch, args, work, device, card) -> list[dict]:
+def train_rows(parts, cfg, batch, args, work, device, card, out: list, save) -> None:
     """loop.train_step on the generated batch at each micro-batch size (and with compiled layers)."""
     import torch
 
@@ -196,7 +204,6 @@ def train_rows(parts, cfg, batch, args, work, device, card) -> list[dict]:
     variants = [(b, "") for b in args.micro_batches]
     if args.compile_layers:
         variants += [(last, "compiled layers"), (last, "compiled log-prob chunk")]
-    out = []
     layers = policy.causal_lm(parts.model).get_decoder().layers
     real_chunk = policy._logprob_and_lse
     for b, compiled in variants:
@@ -217,6 +224,7 @@ def train_rows(parts, cfg, batch, args, work, device, card) -> list[dict]:
             launched = launches(call, device)
         except Exception as err:  # noqa: BLE001
             out.append({"phase": name, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            save()
             continue
         finally:
             for layer in layers:
@@ -225,8 +233,8 @@ def train_rows(parts, cfg, batch, args, work, device, card) -> list[dict]:
         flops, nbytes = work.train(b)
         r = row(name, seconds, flops, nbytes, launched, card)
         out.append(r)
+        save()
         print(json.dumps(r), flush=True)
-    return out
 
 
 def main() -> int:
@@ -274,9 +282,7 @@ def main() -> int:
     rows = args.prompts * args.group
     work = Work(g, args.quant, c, 16, rows, args.prompt_tokens, args.new_tokens, args.prompts, True)
     prompts = prompts_batch(parts.tokenizer, args.prompts, args.prompt_tokens, args.seed)
-    phases, batch = generate_rows(parts.model, parts.tokenizer, prompts, args, work, device, card)
-    if batch is not None:
-        phases += train_rows(parts, cfg, batch, args, work, device, card)
+    phases: list[dict] = []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     result = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit.strip(),
               "command": "python " + " ".join(sys.argv),
@@ -290,10 +296,17 @@ def main() -> int:
                              "estimate from the measured work, not a measurement",
               "phases": phases}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+
+    def save() -> None:  # after every phase, so a run stopped by its time limit keeps what it measured
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)
+
+    batch = generate_rows(parts.model, parts.tokenizer, prompts, args, work, device, card, phases, save)
+    if batch is not None:
+        train_rows(parts, cfg, batch, args, work, device, card, phases, save)
+    save()
     print(f"wrote {args.out}")
     return 0 if all("error" not in p for p in phases if "compile" not in p["phase"]) else 1
 
