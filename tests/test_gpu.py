@@ -1,5 +1,6 @@
 """Checks that need a CUDA device (skipped without one): a real out-of-memory back-off, the fp16 encoder,
-decoding into the laid-out cache, and the log-prob chunk's hand-written backward."""
+decoding into the laid-out cache, the log-prob chunk's hand-written backward, decoding as replayed CUDA graphs, and
+a training step's host syncs."""
 
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ def test_graph_decoding_samples_the_tokens_of_eager_decoding(tmp_path, monkeypat
 
     from tinyrl import decoding, policy
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 matmuls in fp32
     model, tok, prompts = _graph_model(make_tiny_model(str(tmp_path / "model"), hidden=256, layers=4), dtype, quant)
     captures = []
     real_capture = decoding.StaticStep.capture
