@@ -140,3 +140,29 @@ def test_recipe_trains_with_grpo_trainer_and_resumes_with_its_memory(tiny_model,
     assert stored(out / "checkpoint-3" / "tinyrl-memory") == 3 * 2 * 4
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "rewards/exploit/mean" in r] == [1, 2, 3]
+
+
+def test_evaluation_leaves_the_memory_alone():
+    """TRL scores an eval_dataset's completions with the same functions; while its model is in eval mode (which TRL
+    reads to tell evaluation from training) exploit and explore are 0 and nothing enters the memory."""
+    class Trainer:  # what TRL hands the functions: its bound _log_metric, whose trainer has the model
+        def __init__(self):
+            self.model, self.logged = torch.nn.Linear(1, 1), []
+
+        def _log_metric(self, name, value):
+            self.logged.append(name)
+
+    funcs = MemoryRewardFunctions(method="memory-r+", encoder="hashing", explore_warmup=1)
+    trainer = Trainer()
+    batch = batches(steps=1)[0]
+    trainer.model.eval()
+    scored = {f.__name__: f(batch["prompts"], batch["completions"], answer=batch["answer"],
+                            log_metric=trainer._log_metric) for f in funcs.reward_funcs()}
+    assert scored["exploit"] == scored["explore"] == [0.0] * 16 and sum(scored["correctness"]) > 0
+    assert funcs.memory.stats()["success_values"] + funcs.memory.stats()["failure_values"] == 0
+    assert trainer.logged == []
+    trainer.model.train()
+    for f in funcs.reward_funcs():
+        f(batch["prompts"], batch["completions"], answer=batch["answer"], log_metric=trainer._log_metric)
+    assert funcs.memory.stats()["success_values"] + funcs.memory.stats()["failure_values"] == 16
+    assert trainer.logged

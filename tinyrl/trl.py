@@ -16,6 +16,11 @@ reasoning span, correctness), in rank order, and every rank encodes and applies 
 stay identical on every rank and equal a one-process run over the same completions in that order; each rank gets
 back the rewards of its own completions. Rank 0 alone writes files; `load` continues from them on resume. The
 extra is `trl` (`pip install -e ".[trl]"`).
+
+Evaluation (an `eval_dataset`): TRL scores held-out completions with the same functions. Those must not enter the
+memory (held-out answers would become exploit targets, and the memory would differ from a run without eval), so
+while the trainer's model is in eval mode `exploit` and `explore` are 0 and the memory is left as it is; the task
+rewards are scored as in training.
 """
 
 from __future__ import annotations
@@ -86,6 +91,13 @@ def all_ranks(local: list) -> list[list]:
     return gathered
 
 
+def evaluating(kwargs: dict) -> bool:
+    """Whether TRL calls the reward functions for an evaluation pass. TRL tells the two apart by its model's mode
+    (`self.model.training`); the reward functions get no mode, but `log_metric` is the trainer's bound method."""
+    model = getattr(getattr(kwargs.get("log_metric"), "__self__", None), "model", None)
+    return model is not None and not model.training
+
+
 class _Reward:
     """One named reward function (TRL logs it as rewards/<name>/mean)."""
 
@@ -141,6 +153,8 @@ class MemoryRewardFunctions:
                 self._task = (key, rewards.task_rewards(texts, answers, self.cfg.method, self.cfg.numeric_match,
                                                         self.cfg.cosine_max_len))
             return self._task[1][name]
+        if evaluating(kwargs):  # held-out completions: neither written to nor scored against the memory
+            return [0.0] * len(texts)
         questions = [str(q) for q in kwargs["question"]] if "question" in kwargs else \
             [question_text(p) for p in prompts]
         key = (tuple(questions), tuple(texts))
