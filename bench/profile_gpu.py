@@ -45,6 +45,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
+from tinyrl.budget import nf4_bytes  # noqa: E402 - after the path
+
 # dense bf16/fp16 tensor FLOP/s and memory bandwidth (B/s), from the vendors' data sheets
 PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12),
          "A100-SXM4-80GB": (312e12, 2.04e12), "A100": (312e12, 1.555e12), "L4": (121e12, 0.3e12),
@@ -66,8 +68,6 @@ class Work:
         self.n = g.linear_params()
         self.head = g.vocab * g.hidden
         self.lora = g.lora_params(rank)
-        from tinyrl.budget import nf4_bytes
-
         nf4 = nf4_bytes(self.n) / self.n + 2 * c  # NF4 (with its scales), then the c-byte copy written and read
         self.weight_bytes = self.n * (nf4 if quant == "4bit" else c) + self.head * c
         self.c = c

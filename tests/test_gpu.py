@@ -164,14 +164,13 @@ def _graph_model(folder: str, dtype: str, quant: str = "none"):
 
 
 def _launches(fn) -> int:
-    """Kernel and graph launches the host issues while fn runs (CUDA runtime and driver API calls)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Kernel and graph launches the host issues while fn runs (bench/profile_gpu.py counts them)."""
+    import sys
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
-    return sum(e.count for e in prof.key_averages() if e.key in names)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from profile_gpu import launches
+
+    return launches(fn, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("dtype,quant", [("fp32", "none"), ("bf16", "none"), ("bf16", "4bit")])

@@ -105,9 +105,9 @@ class StaticStep:
         self.position = attention_mask.sum(-1, keepdim=True) - 1  # [b, 1] its position (left padding aware)
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)  # [b]
         self.out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)  # [b, Tc]
-        self.eos = torch.tensor(eos, device=dev)
         vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-        self.is_eos = torch.zeros(vocab, dtype=torch.bool, device=dev).index_fill_(0, self.eos, True)  # [V]
+        self.is_eos = torch.zeros(vocab, dtype=torch.bool, device=dev)  # [V]
+        self.is_eos[eos] = True
         self.uniforms = uniforms  # [Tc, b, 1] float64, or None when greedy
 
     def step(self) -> None:
@@ -122,7 +122,7 @@ class StaticStep:
         token = torch.where(self.done, self.pad, self.sample(logits, **self.sampling, u=u))  # [b]
         del logits
         self.out.index_copy_(1, self.i, token[:, None])
-        self.done |= (token[:, None] == self.eos).any(-1)
+        self.done |= self.is_eos[token]
         self.token.copy_(token[:, None])
         self.position.add_(1)
         self.at.add_(1)

@@ -262,7 +262,8 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
     # the batch goes to the device once, and the loss and KL come back once: each crossing waits for the device
     on_device = [t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.completion_mask, batch.advantages)]
     for s in range(0, n, cfg.micro_batch):
-        rows, cmask = slice(s, s + cfg.micro_batch), batch.completion_mask[s:s + cfg.micro_batch]  # [b, Tc] (host)
+        rows = slice(s, s + cfg.micro_batch)
+        cmask = batch.completion_mask[rows]  # [b, Tc] (host)
         tc, tp = int(cmask.sum(-1).max()), batch.input_ids.shape[1] - cmask.shape[1]  # trimmed on the host copies
         attn = batch.attention_mask[rows, :tp]
         first = int(attn.sum(0).nonzero()[0]) if attn.any() else 0
