@@ -630,3 +630,23 @@ def test_models_that_transform_their_logits_are_refused_in_one_line(tiny_model, 
     assert key in str(err.value) and "\n" not in str(err.value)
     for plain in (None,) if key == "final_logit_softcapping" else (None, 1.0):  # the neutral values load
         policy.check_plain_logits(type("Config", (), {key: plain})(), "m")
+
+
+@pytest.mark.parametrize("card, major, expected", [("Tesla T4", 7, torch.float16), ("Tesla V100", 7, torch.float16),
+                                                   ("Tesla P100", 6, torch.float16),
+                                                   ("NVIDIA A100", 8, torch.bfloat16)])
+def test_dtype_auto_takes_bf16_only_where_the_card_computes_it_natively(monkeypatch, card, major, expected):
+    """#22: torch.cuda.is_bf16_supported() counts emulation by default (True on a T4), so dtype=auto ran emulated
+    bf16 there and never took the fp16 + loss-scaling path. pick_dtype and the planner's detect_caps agree."""
+    from types import SimpleNamespace
+
+    from tinyrl import budget
+
+    props = SimpleNamespace(name=card, total_memory=16 << 30, major=major, minor=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+                        or major >= 8)
+    assert policy.pick_dtype("auto", torch.device("cuda")) == expected
+    assert budget.detect_caps("auto").bf16 == (expected == torch.bfloat16)
+    assert policy.pick_dtype("auto", torch.device("cpu")) == torch.float32

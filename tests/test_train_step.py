@@ -182,3 +182,25 @@ def test_fit_stops_after_max_skipped_steps_naming_the_causes(tiny_model, tmp_pat
     metrics = rows(os.path.join(cfg.out, "metrics.jsonl"))
     assert [m["amp/skipped"] for m in metrics] == [0, 0, 1, 1]
     assert checkpoint.latest_name(cfg.out) == "step-000003"
+
+
+@pytest.mark.parametrize("saved_fused", [False, None], ids=["cpu-begun", "older-tinyrl"])
+def test_a_checkpoint_of_a_non_fused_optimizer_resumes_fused_and_the_loss_scaler_still_steps(tiny_model, tmp_path,
+                                                                                            saved_fused):
+    """#22: a run begun on CPU (or by a tinyrl before fused AdamW) resumes on CUDA with fused AdamW and fp16. Loading
+    the saved optimizer state used to put the saved `fused` flag back into each group while the optimizer still told
+    GradScaler it takes `found_inf` (AssertionError: Expected grad_scale and found_inf to be None); a bf16 run silently
+    lost the fused kernel. CPU's fused AdamW stands in for CUDA's."""
+    model, device = load(tiny_model, "fp32")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = torch.optim.AdamW(trainable, lr=1e-3, fused=saved_fused)
+    loop.train_step(model, before, batch(), Config(micro_batch=2, logprob_chunk=2), device)  # some state to save
+    path = checkpoint.save(str(tmp_path / "run"), 1, model, before, {"step": 1})
+    resumed = torch.optim.AdamW(trainable, lr=1e-3, fused=True)
+    checkpoint.load(path, model, resumed)
+    assert all(group["fused"] is True for group in resumed.param_groups)
+    assert torch.allclose(resumed.state[trainable[0]]["exp_avg"], before.state[trainable[0]]["exp_avg"])
+    scaler = torch.amp.GradScaler("cpu")
+    weights = [p.detach().clone() for p in trainable]
+    result = loop.train_step(model, resumed, batch(), Config(micro_batch=2, logprob_chunk=2), device, scaler)
+    assert not result.skipped and any(not torch.equal(w, p) for w, p in zip(weights, trainable))

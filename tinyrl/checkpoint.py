@@ -279,9 +279,22 @@ def load(path: str, model, optimizer, memory=None) -> dict:
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"checkpoint {path} does not match this model (unexpected {result.unexpected_keys[:2]})")
-    optimizer.load_state_dict(optim)
+    optimizer.load_state_dict(with_kernels_of(optimizer, optim))
     set_rng_state(rng, state["python_rng"])
     return state
+
+
+KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how this process steps, not training state
+
+
+def with_kernels_of(optimizer, saved: dict) -> dict:
+    """`saved` (an optimizer state dict) with each group's kernel flags taken from the live `optimizer`.
+    load_state_dict would otherwise put the saved ones back: a run begun on CPU, or before tinyrl used fused AdamW,
+    would step unfused on CUDA, and with fp16 fail (the optimizer still tells GradScaler that it takes `found_inf`).
+    Set before loading, the flags also place each `step` where the fused kernel wants it."""
+    groups = [{**group, **{k: live[k] for k in KERNEL_FLAGS if k in live}}
+              for group, live in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
 
 
 def _file_info(path: str) -> list[int]:

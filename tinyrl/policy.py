@@ -74,13 +74,15 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: fp32 on CPU, bf16 on GPUs that support it, fp16 on older ones (T4, P100)."""
+    """`auto`: fp32 on CPU, bf16 on GPUs that compute it natively (compute capability 8 on: Ampere and later), fp16
+    on older ones (T4, V100, P100). Not torch.cuda.is_bf16_supported(): by default it counts emulated bf16, which
+    a T4 runs slowly and with the math attention kernel. The planner (budget.detect_caps) draws the same line."""
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype != "auto":
         return names[dtype]
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float16
 
 
 def load_tokenizer(path: str):
