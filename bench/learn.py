@@ -17,6 +17,14 @@ GPU, `bash bench/gpu.sh learn` runs it with the staged SmolLM2 weights (bench/gp
 
     python bench/learn.py --gsm8k ../shared/data/gsm8k --set model=/path/to/model --minutes 3
     python bench/learn.py --gsm8k ../shared/data/gsm8k --smoke        # the tiny random model: checks the mode runs
+
+Grid mode (`--grid`, bench/learn_grid.py): every method x seeds 0-2 x two difficulties (easy: one operation, hard:
+two), each run's every checkpoint evaluated, the last and the best also at 256 new tokens, the diversity of the
+last; resumable stage by stage; writes bench/results/learn_grid_cpu.json, its summary and plots.
+
+    OMP_NUM_THREADS=1 python bench/learn.py --grid --set threads=1 --shared-cpu
+    python bench/learn.py --grid --methods r1 memory-r+ --seeds 0 --difficulties hard --root /tmp/grid
+    python bench/learn.py --grid --smoke --root /tmp/grid --out /tmp/grid.json    # the tiny random model
 """
 
 from __future__ import annotations
@@ -98,28 +106,42 @@ def held_out(cfg: Config, adapter: str | None, limit: int, path: str) -> dict:
     return {**result, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 30; --gsm8k: 40)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 30; --gsm8k: 40; --grid: 20)")
     parser.add_argument("--limit", type=int, default=None,
                         help="held-out problems, the first N of the test split (default 300; --gsm8k: 500)")
     parser.add_argument("--gsm8k", metavar="DATA", help="GPU mode: GSM8K from this folder at the paper's settings")
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="stop each run's training after this many minutes (max_minutes), 0: no limit")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=["r1", "memory-r+"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 (--grid: 0 1 2)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=config_mod.METHODS,
+                        help="default r1 memory-r+ (--grid: all four)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value, as tinyrl fit --set")
     parser.add_argument("--smoke", action="store_true", help="the tiny random model from tests/tiny.py, 2 steps")
     parser.add_argument("--out", default=None, help="the results file (default bench/results/learn_cpu.json; "
-                                                    "--gsm8k: learn_gpu.json)")
-    args = parser.parse_args()
+                                                    "--gsm8k: learn_gpu.json; --grid: learn_grid_cpu.json)")
+    parser.add_argument("--grid", action="store_true", help="the comparison grid (bench/learn_grid.py), resumable")
+    parser.add_argument("--root", help="--grid: the run folders (default bench/runs/learn-grid)")
+    parser.add_argument("--difficulties", nargs="+", choices=["easy", "hard"], help="--grid: default both")
+    parser.add_argument("--shared-cpu", action="store_true",
+                        help="--grid: record that other work shared the CPU (the timings are not clean)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.smoke:
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    if args.grid:
+        sys.modules.setdefault("learn", sys.modules[__name__])  # learn_grid imports this module's pieces
+        import learn_grid
+
+        return learn_grid.main(args, argv)
+    args.seeds, args.methods = args.seeds or [0], args.methods or ["r1", "memory-r+"]
     root = tempfile.mkdtemp(prefix="tinyrl-learn-")
     base = dict(GSM8K, data=args.gsm8k) if args.gsm8k else dict(BASE)
     args.steps = args.steps or (40 if args.gsm8k else 30)
     args.limit = args.limit or (500 if args.gsm8k else 300)
     args.out = args.out or (OUT_GPU if args.gsm8k else OUT)
     if args.smoke:
-        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
         from tiny import make_tiny_model
 
         base.update(model=make_tiny_model(os.path.join(root, "tiny")), max_new_tokens=8, encoder="hashing",

@@ -1,6 +1,6 @@
 """Benches run end to end on the tiny random model: bench/learn.py in both modes (2 steps a method), recording
 what its results file promises (the base eval, each method's eval, gain and curves, the settings and the
-hardware); bench/profile_gpu.py and bench/vs_trl.py in their smoke modes."""
+hardware), and its resumable --grid; bench/profile_gpu.py and bench/vs_trl.py in their smoke modes."""
 
 import json
 import os
@@ -52,6 +52,86 @@ def test_learn_gpu_mode_runs_gsm8k_at_the_papers_settings_on_cpu(tmp_path, gsm8k
         assert all(os.path.exists(os.path.join(REPO, "bench", p)) for p in results["plots"])
         assert all(os.path.dirname(os.path.realpath(os.path.join(REPO, "bench", p))) == os.path.realpath(tmp_path / "learn")
                    for p in results["plots"])
+
+
+GRID_DIFFERS = ("date", "wall_s", "commit")  # a rerun's own: the day, its seconds, and the commit, should one land
+
+
+def grid_modules():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import learn
+    import learn_grid
+
+    return learn, learn_grid
+
+
+def test_learn_grid_smoke_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
+    """--grid --smoke (2 methods x 1 seed x 1 difficulty on the tiny model) stores every stage; the same command
+    again trains, evaluates and samples nothing and writes the same aggregate; a stage removed from a run's
+    result.json is the only one computed again."""
+    out, root = tmp_path / "grid.json", tmp_path / "root"
+    argv = ["--grid", "--smoke", "--root", str(root), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TINYRL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "learn.py"), *argv], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads(out.read_text())
+    assert set(first["base"]["easy"]) == {"8", "16", "diversity"} and first["held_out"]["budgets"] == [8, 16]
+    assert set(first["runs"]) == {"easy-r1-s0", "easy-memory-r+-s0"}
+    for name, run in first["runs"].items():
+        assert run["steps_done"] == 2 and len(run["metrics"]) == 2 and run["shared_cpu"] is False, name
+        assert set(run["curve"]) == {"1", "2"} and run["last"]["step"] == 2 and run["curve"]["1"]["n"] == 4
+        assert {run["last"]["16"]["n"], run["best"]["16"]["n"]} == {4}
+        assert {"distinct_1", "distinct_2", "distinct_3", "semantic"} <= set(run["diversity"])
+        assert run["diversity"]["questions"] == 2 and run["diversity"]["samples"] == 3
+    paired = first["summary"]["easy"]["memory-r+"]["last@8"]["extractive_match"]["vs_r1"]
+    assert set(paired) == {"0"} and "easy-memory-r+" in done.stdout.split("easy: held-out")[0]
+    results = {p: p.read_text() for p in root.glob("*/result.json")}
+
+    learn, learn_grid = grid_modules()
+    monkeypatch.setenv("TINYRL_CACHE", str(tmp_path / "cache"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage was computed again")
+
+    for name in ("train", "held_out", "sample_diversity"):
+        monkeypatch.setattr(learn_grid, name, refuse)
+    monkeypatch.setattr(learn_grid.evaluate, "load", refuse)  # nothing left to do: no model is even loaded
+    learn.main(argv)
+    second = json.loads(out.read_text())
+    assert {k: v for k, v in second.items() if k not in GRID_DIFFERS} == \
+        {k: v for k, v in first.items() if k not in GRID_DIFFERS}
+    assert {p: p.read_text() for p in root.glob("*/result.json")} == results
+
+    stored = json.loads(results[root / "easy-memory-r+-s0" / "result.json"])
+    del stored["diversity"]
+    (root / "easy-memory-r+-s0" / "result.json").write_text(json.dumps(stored))
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(learn_grid, "train", refuse)
+    monkeypatch.setattr(learn_grid, "held_out", refuse)
+    real = learn_grid.sample_diversity
+    monkeypatch.setattr(learn_grid, "sample_diversity", lambda *a: calls.append(a[-1]) or real(*a))
+    learn.main(argv)
+    assert calls == [str(root / "easy-memory-r+-s0" / "diversity.jsonl")]
+    assert set(json.loads(out.read_text())["runs"]["easy-memory-r+-s0"]["diversity"]) == \
+        set(first["runs"]["easy-memory-r+-s0"]["diversity"])
+
+
+def test_grid_diversity_and_summary_by_hand():
+    """Distinct-n pools the n-grams of one question's completions; semantic diversity is the mean of 1 - cos over
+    their pairs; the summary pairs each method with r1 seed by seed. (The doctests of bench/learn_grid.py too.)"""
+    import doctest
+
+    import numpy as np
+
+    _, learn_grid = grid_modules()
+    assert learn_grid.distinct_n(["x y z", "x y w"], 1) == 4 / 6  # x y z x y w: 4 unique of 6 words
+    assert learn_grid.distinct_n(["x y z", "x y w"], 2) == 3 / 4  # (x y) (y z) (x y) (y w): 3 unique of 4
+    assert learn_grid.distinct_n(["x y z", "x y w"], 3) == 1.0
+    # unit vectors at 0, 90 and 180 degrees: distances 1, 2, 1
+    assert learn_grid.mean_cosine_distance(np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])) == round(4 / 3, 4)
+    assert doctest.testmod(learn_grid).failed == 0
 
 
 def run_bench(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
