@@ -85,9 +85,16 @@ def measure(model_dir: str, vram: str, data: str | None, knobs: dict, prompts: i
         error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
     finally:
         gc.collect()
+        lost = False
         if torch.cuda.is_available():  # the next row starts from an empty, uncapped allocator
-            torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(1.0)
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0)
+            except RuntimeError:  # a failed CUDA-graph capture leaves the allocator capturing: no row can follow
+                traceback.print_exc()
+                lost = True
+    if lost:
+        return {"error": error or "CUDA state lost", "prompts_per_step": prompts, "cuda_state_lost": True}
     path = os.path.join(out, "metrics.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     if not rows:
@@ -295,6 +302,10 @@ def main() -> None:
         print(line(row), flush=True)
         if not args.dry_run:
             write_atomic(args.out, result)
+        if measured.get("cuda_state_lost"):
+            print("this process cannot use CUDA any more (a failed graph capture); the sweep stops here: rerun with "
+                  "--prior to go on", flush=True)
+            break
     if not args.dry_run:
         print(f"wrote {args.out}")
 

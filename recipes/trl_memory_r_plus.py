@@ -74,7 +74,7 @@ def main() -> None:
     a = p.parse_args()
 
     os.makedirs(a.out, exist_ok=True)
-    bf16 = not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)  # not emulated (T4)
     fp16 = not a.cpu and torch.cuda.is_available() and not bf16
     local = int(os.environ.get("LOCAL_RANK", "0"))  # torch.distributed is not up yet: the launcher's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))

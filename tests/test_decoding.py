@@ -169,11 +169,17 @@ def test_the_static_step_needs_a_laid_out_cache_and_an_attention_that_takes_a_4d
 
 
 class FakeCuda:
-    """Enough of torch.cuda for decode_static(graphs=True) to run its control flow on a CPU: a capture records the
-    step without its effects (the step's state is put back as it was) and each replay runs it; counts both."""
+    """Enough of torch.cuda for decode_static(graphs=True) to run its control flow on a CPU, with CUDA's semantics
+    where they matter: torch.cuda.graph empties the cache before it captures; a capture records the step without its
+    effects (the step's state is put back as it was) and each replay runs it. With `sync_in_step` the step waits
+    for the host: under the sync debug mode "warn" that is a warning, inside a capture it invalidates the capture.
+    A capture that fails otherwise than by OOM leaves the allocator "capturing" (torch 2.11-2.13: graph.__exit__ has
+    no try/finally), after which every empty_cache fails, as on a real card."""
 
-    def __init__(self, fail: Exception | None = None):
-        self.fail, self.captures, self.replays, self.emptied = fail, 0, 0, 0
+    def __init__(self, fail: Exception | None = None, sync_in_step: bool = False):
+        self.fail, self.sync_in_step = fail, sync_in_step
+        self.captures = self.replays = self.emptied = 0
+        self.mode, self.modes, self.capturing_now, self.stuck, self.invalid = 0, [], False, False, False
 
     def install(self, monkeypatch):
         from contextlib import nullcontext
@@ -183,18 +189,39 @@ class FakeCuda:
         for name, value in {"Stream": lambda: stream, "current_stream": lambda: stream,
                             "stream": lambda s: nullcontext(), "synchronize": lambda: None,
                             "empty_cache": self.empty_cache, "CUDAGraph": self.graph_class(),
-                            "graph": self.capturing}.items():
+                            "graph": self.capturing, "set_sync_debug_mode": self.set_mode,
+                            "get_sync_debug_mode": lambda: self.mode}.items():
             monkeypatch.setattr(torch.cuda, name, value, raising=False)
-        real_init = decoding.StaticStep.__init__
+        real_init, real_step = decoding.StaticStep.__init__, decoding.StaticStep.step
         fake = self
 
         def init(state, *args, **kwargs):
             real_init(state, *args, **kwargs)
             fake.state = state
 
+        def step(state):
+            if fake.sync_in_step:
+                fake.host_sync()
+            real_step(state)
+
         monkeypatch.setattr(decoding.StaticStep, "__init__", init)
+        monkeypatch.setattr(decoding.StaticStep, "step", step)
+
+    def set_mode(self, mode):
+        self.mode = {"default": 0, "warn": 1, "error": 2}.get(mode, mode)
+        self.modes.append(self.mode)
+
+    def host_sync(self):
+        import warnings
+
+        if self.capturing_now:
+            self.invalid = True
+        elif self.mode == 1:
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
 
     def empty_cache(self):
+        if self.stuck:
+            raise RuntimeError("captures_underway.empty() INTERNAL ASSERT FAILED")
         self.emptied += 1
 
     def graph_class(self):
@@ -214,25 +241,32 @@ class FakeCuda:
 
         @contextlib.contextmanager
         def capture():
+            fake.empty_cache()  # as torch.cuda.graph.__enter__
             state = fake.state
             tensors = [t for t in vars(state).values() if torch.is_tensor(t)]
             tensors += [b for layer in state.cache.layers for b in layer.buffers]
             saved = [t.clone() for t in tensors]
             fake.captures += 1
-            yield
-            for t, s in zip(tensors, saved):  # a capture runs nothing: the step's writes are undone
-                t.copy_(s)
-            if fake.fail is not None:
-                raise fake.fail
+            fake.capturing_now = True
+            try:
+                yield
+            finally:
+                fake.capturing_now = False
+                for t, s in zip(tensors, saved):  # a capture runs nothing: the step's writes are undone
+                    t.copy_(s)
+            if fake.invalid or fake.fail is not None:
+                fake.stuck = not isinstance(fake.fail, torch.cuda.OutOfMemoryError)
+                raise fake.fail or RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
         return capture()
 
 
 @pytest.mark.parametrize("kw", [dict(greedy=True), dict(min_new_tokens=20)], ids=["greedy", "sampled"])
 def test_graph_mode_warms_up_captures_once_per_batch_and_replays_the_rest(tiny_model, monkeypatch, kw):
-    """decode_static's CUDA-graph control flow, run on a CPU with a fake torch.cuda: WARMUP_STEPS eager steps,
-    one capture per generate batch, a replay for every later token, the graph's pool emptied before the capture
-    and after the batch; the same tokens as eager decoding."""
+    """decode_static's CUDA-graph control flow, run on a CPU with a fake torch.cuda: WARMUP_STEPS eager steps (the
+    last under the sync debug mode, which is put back), one capture per generate batch, a replay for every later
+    token; the cache emptied before each capture (by torch.cuda.graph) and once after the last batch; the same
+    tokens as eager decoding."""
     model, tok = load(tiny_model)
     prompts = prompt_batch(tok)
     eager = sample(model, tok, prompts, "eager", **kw)
@@ -241,25 +275,71 @@ def test_graph_mode_warms_up_captures_once_per_batch_and_replays_the_rest(tiny_m
     monkeypatch.setattr(decoding, "mode_for", lambda mode, device: "graph")
     graph = sample(model, tok, prompts, "graph", **kw)
     assert torch.equal(graph.completion_ids, eager.completion_ids)
-    assert fake.captures == 3 and fake.emptied == 6  # 3 batches: before each capture, after each batch
+    assert fake.captures == 3 and fake.emptied == 3 + 1  # 3 batches: before each capture, once after the last
+    assert fake.modes == [1, 0] * 3 and fake.mode == 0
     if "min_new_tokens" in kw:  # every row runs all 20 tokens: 2 warm-up steps, 18 replays per batch
         assert fake.replays == 3 * (20 - decoding.WARMUP_STEPS)
 
 
-def test_a_failed_capture_decodes_the_same_steps_without_a_graph_and_says_so_once(tiny_model, monkeypatch, capsys):
+def test_a_step_that_waits_for_the_host_is_never_captured(tiny_model, monkeypatch, capsys):
+    """#22: a capture that fails cannot be undone (the allocator stays "capturing"), so a step that syncs (dynamic
+    RoPE reads position_ids.max()) is found in the warm-up and decodes without a graph: the same tokens, one line."""
     model, tok = load(tiny_model)
     prompts = prompt_batch(tok)
     eager = sample(model, tok, prompts, "eager", min_new_tokens=20)
-    fake = FakeCuda(fail=RuntimeError("operation not permitted when stream is capturing\nmore"))
+    fake = FakeCuda(sync_in_step=True)
     fake.install(monkeypatch)
     monkeypatch.setattr(decoding, "mode_for", lambda mode, device: "graph")
     monkeypatch.setattr(decoding, "_failed", set())
     graph = sample(model, tok, prompts, "graph", min_new_tokens=20)
     assert torch.equal(graph.completion_ids, eager.completion_ids)
-    assert fake.captures == 3 and fake.replays == 0
+    assert fake.captures == 0 and fake.replays == 0 and not fake.stuck and fake.mode == 0
     err = capsys.readouterr().err
-    assert err.count("decoding without CUDA graphs: capture failed (RuntimeError: operation not permitted when "
-                     "stream is capturing)") == 1
-    fake.fail = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert err.count("decoding without CUDA graphs: a decoding step waits for the host (called a synchronizing "
+                     "CUDA operation)") == 1
+
+
+def test_a_capture_that_fails_all_the_same_stops_with_one_line_naming_eager_decoding(tiny_model, monkeypatch):
+    """A capture that fails although the warm-up step made no sync: one line naming --set decode=eager, and no
+    empty_cache after it (on a real card that would be torch's INTERNAL ASSERT instead). An OOM in capture ends
+    it cleanly and reaches the loop's back-off."""
+    model, tok = load(tiny_model)
+    prompts = prompt_batch(tok)
+    fake = FakeCuda(fail=RuntimeError("operation not permitted when stream is capturing\nmore"))
+    fake.install(monkeypatch)
+    monkeypatch.setattr(decoding, "mode_for", lambda mode, device: "graph")
+    with pytest.raises(UserError, match=r"^CUDA graph capture failed \(RuntimeError: operation not permitted when "
+                                        r"stream is capturing\); rerun the same command with --resume --set "
+                                        r"decode=eager"):
+        sample(model, tok, prompts, "graph", min_new_tokens=20)
+    assert fake.captures == 1 and fake.stuck
+    fake.fail, fake.stuck = torch.cuda.OutOfMemoryError("CUDA out of memory"), False
     with pytest.raises(torch.cuda.OutOfMemoryError):  # for the loop's back-off to halve gen_batch
         sample(model, tok, prompts, "graph", min_new_tokens=20)
+    assert not fake.stuck
+
+
+def test_a_run_stopped_by_a_failed_capture_resumes_with_eager_decoding(tiny_model, monkeypatch, tmp_path):
+    """The failed capture at step 3 leaves the step-2 checkpoint as it was; the command the message names
+    (--resume --set decode=eager) resumes there and finishes."""
+    from tinyrl import checkpoint, loop
+
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    monkeypatch.setattr(decoding, "mode_for", lambda mode, device: mode if mode == "eager" else "graph")
+    real_capture = decoding.StaticStep.capture
+
+    def fail_from_step_3(state):
+        if fake.captures >= 2:  # one generate batch a step: the third capture is step 3's
+            fake.fail = RuntimeError("operation not permitted when stream is capturing")
+        return real_capture(state)
+
+    monkeypatch.setattr(decoding.StaticStep, "capture", fail_from_step_3)
+    cfg = config.Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=4, prompts_per_step=2,
+                        group_size=2, max_new_tokens=6, gen_batch=4, device="cpu", save_every=2, decode="graph")
+    with pytest.raises(UserError, match="--set decode=eager"):
+        loop.fit(cfg, quiet=True)
+    assert sorted(checkpoint.steps(cfg.out)) == [2]
+    fake.stuck = False  # a new process
+    run = loop.fit(config.apply_overrides(cfg, ["decode=eager"]), quiet=True, resume=True)
+    assert max(checkpoint.steps(run)) == 4

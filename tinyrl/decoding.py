@@ -18,19 +18,29 @@ samples the same tokens:
 
 The graph lives for one call: its buffers (the cache among them) are freed before training, so the planner counts
 one decoding step's temporaries as the graph's pool during generation only (budget.estimate). CPU decodes eagerly.
+
+A step that waits for the host (a `.item()`, a data-dependent shape: transformers' dynamic and longrope RoPE read
+`position_ids.max()`) cannot be captured, and a failed capture cannot be undone in torch 2.11-2.13: the thread
+stays on the capture stream and the allocator in its capture state, so every later `empty_cache` fails. So the last
+warm-up step runs under CUDA's sync debug mode, and a step that syncs decodes without a graph (said once); a
+capture that fails all the same stops the run with a UserError that names `--set decode=eager`.
+Imports tinyrl.errors only.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import torch
+
+from tinyrl.errors import UserError
 
 CHECK_EVERY = 8  # tokens between two reads of "has every row ended" (each read waits for the device)
 WARMUP_STEPS = 2  # eager steps before the capture (cuBLAS and allocator set-up happen outside the graph)
 MODES = ("auto", "eager", "static", "graph")
-_failed: set[str] = set()  # capture failures already reported (one line per kind and process)
+_failed: set[str] = set()  # reasons for decoding without graphs already reported (one line each per process)
 
 
 def mode_for(decode: str, device: torch.device) -> str:
@@ -129,23 +139,48 @@ class StaticStep:
         self.i.add_(1)
 
     def capture(self):
-        """The step as a CUDA graph's replay, or None (reported once) where capture fails, e.g. for a kernel that
-        syncs with the host: the caller then runs the same steps without a graph."""
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the warm-up steps' cached temporaries: the graph's pool holds its own
+        """The step captured as a CUDA graph; its replay. Call after a warm-up step that made no host sync
+        (`host_syncs`). torch.cuda.graph synchronizes and empties the cache before it captures. An OOM goes to the
+        loop's back-off (the capture ended cleanly: anything else from it would have come out instead)."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls are theirs
                 self.step()
         except torch.cuda.OutOfMemoryError:
             raise  # the loop's back-off halves gen_batch, as for any step that does not fit
-        except Exception as err:  # noqa: BLE001 - whatever else failed, the eager steps are correct
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
-            if reason not in _failed:
-                _failed.add(reason)
-                print(f"decoding without CUDA graphs: capture failed ({reason})", file=sys.stderr, flush=True)
-            return None
+        except Exception as err:  # noqa: BLE001 - the process cannot recover its CUDA state: stop, resumably
+            raise UserError(f"CUDA graph capture failed ({_first_line(err)}); rerun the same command with --resume "
+                            "--set decode=eager (it resumes from the last checkpoint)") from None
         return graph.replay
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
+
+
+def host_syncs(run) -> list[str]:
+    """Run `run()` with CUDA's sync debug mode on; the warnings of the host syncs it made (none: it can be
+    captured). Other warnings pass through."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    for w in caught:
+        if "synchronizing" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return syncs
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _failed:
+        _failed.add(reason)
+        print(f"decoding without CUDA graphs: {reason}", file=sys.stderr, flush=True)
 
 
 def decode_static(decoder, head, keyword: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *,
@@ -157,22 +192,25 @@ def decode_static(decoder, head, keyword: str, input_ids: torch.Tensor, attentio
     state = StaticStep(decoder, head, keyword, input_ids, attention_mask, cache, max_new_tokens=max_new_tokens, **kw)
     run, taken = state.step, 0
     if graphs:
+        syncs = []
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             while taken < min(WARMUP_STEPS, max_new_tokens):
-                state.step()
+                if taken == WARMUP_STEPS - 1:  # the first step may sync once to set things up; the last must not
+                    syncs = host_syncs(state.step)
+                else:
+                    state.step()
                 taken += 1
         torch.cuda.current_stream().wait_stream(stream)
-        if taken < max_new_tokens:
-            run = state.capture() or state.step
+        if syncs:
+            _say_once(f"a decoding step waits for the host ({syncs[0].strip().splitlines()[0][:120]}); the same "
+                      "tokens, step by step")
+        elif taken < max_new_tokens:
+            run = state.capture()
     while taken < max_new_tokens:
         if taken % CHECK_EVERY == 0 and taken and bool(state.done.all()):
             break
         run()
         taken += 1
-    out = state.out[:, :taken]
-    if graphs:
-        del run, state
-        torch.cuda.empty_cache()  # the graph's pool, so that neither the next batch nor training counts it
-    return out
+    return state.out[:, :taken]  # the graph's pool is freed with it (policy.generate empties the cache once)

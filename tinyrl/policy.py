@@ -353,6 +353,8 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
                 new = decode(model, ids[rows], mask[rows], cache, **settings)  # [b, Tc']
             del cache  # this batch's full KV cache: free it before the next batch's prefill
             chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
+    if mode == "graph":  # the last batch's graph pool, before training (each capture empties the cache before it)
+        torch.cuda.empty_cache()
     completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
     cmask = completion_mask(completion_ids, eos)  # [P*G, Tc]
     has_eos = torch.isin(completion_ids, torch.tensor(eos)).any(-1)  # [P*G]
