@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 
 
 def cpu_name() -> str:
@@ -15,3 +17,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def commit() -> str:
+    """The commit the bench runs: $TINYRL_COMMIT when set (bench/gpu.sh: the lent GPU's copy of the tree has no
+    .git), else `git describe --always --dirty`, else "unknown" (no git, or not a checkout). Never raises."""
+    if os.environ.get("TINYRL_COMMIT"):
+        return os.environ["TINYRL_COMMIT"]
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

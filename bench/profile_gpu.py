@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -45,7 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
-from tinyrl.budget import nf4_bytes  # noqa: E402 - after the path
+import hardware  # noqa: E402 - after the path
+from tinyrl.budget import nf4_bytes  # noqa: E402
 
 # dense bf16/fp16 tensor FLOP/s and memory bandwidth (B/s), from the vendors' data sheets
 PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12),
@@ -283,8 +283,7 @@ def main() -> int:
     work = Work(g, args.quant, c, 16, rows, args.prompt_tokens, args.new_tokens, args.prompts, True)
     prompts = prompts_batch(parts.tokenizer, args.prompts, args.prompt_tokens, args.seed)
     phases: list[dict] = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    result = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit.strip(),
+    result = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": hardware.commit(),
               "command": "python " + " ".join(sys.argv),
               "hardware": {"device": name, "peak_flops": card[0] if card else None,
                            "peak_bandwidth": card[1] if card else None, "torch": torch.__version__,

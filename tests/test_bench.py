@@ -189,3 +189,38 @@ def test_the_readme_table_shows_the_gpu_profile_only_from_a_gpu_result():
     assert train[1].startswith("micro_batch 128: 1.20 s, 6 % of peak")
     assert table.profile_rows({**result, "hardware": {"device": "cpu", "peak_flops": None}}) == []
     assert table.profile_rows(None) == []
+
+
+def test_fp16_gpu_counts_a_skipped_step_as_normal_and_a_nonfinite_taken_step_as_a_failure():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from fp16_gpu import judge
+
+    overflow_then_step = [{"loss": 0.1, "grad_norm": float("inf"), "amp/skipped": 1.0},
+                          {"loss": 0.2, "grad_norm": 0.5, "amp/skipped": 0.0}]
+    assert judge(overflow_then_step, {"a.lora_B": __import__("torch").ones(2)}) == {
+        "ok": True, "loss_finite": True, "nonfinite_grads_only_on_skipped_steps": True, "some_step_taken": True,
+        "lora_b_all_moved": True, "skipped_steps": 1}
+    assert not judge([{"loss": 0.1, "grad_norm": float("nan"), "amp/skipped": 0.0}], {})["ok"]
+    assert not judge([{"loss": 0.1, "grad_norm": float("inf"), "amp/skipped": 1.0}], {})["ok"]  # never stepped
+    assert not judge(overflow_then_step, {"a.lora_B": __import__("torch").zeros(2)})["ok"]
+
+
+def test_fp16_gpu_runs_on_cpu_without_git_and_records_each_run(tmp_path, tiny_model):
+    """bench/fp16_gpu.py on a CPU (the lent GPU's copy of the tree has no .git, and maybe no git): the commit from
+    $TINYRL_COMMIT, or "unknown"; never a crash."""
+    out = tmp_path / "fp16.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.path.dirname(sys.executable)}
+    env.pop("TINYRL_COMMIT", None)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "fp16_gpu.py"), "--model", tiny_model,
+                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["commit"] == "unknown" and result["runs"]["none"]["ok"], result
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import hardware
+
+    os.environ["TINYRL_COMMIT"] = "abc1234"
+    try:
+        assert hardware.commit() == "abc1234"
+    finally:
+        del os.environ["TINYRL_COMMIT"]
