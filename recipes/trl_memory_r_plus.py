@@ -4,9 +4,10 @@ out with accelerate / DeepSpeed / vLLM to several GPUs and nodes while every ran
     pip install -e ".[trl]"                                                    # in a clone of tinyrl
     python recipes/trl_memory_r_plus.py --out runs/trl-qwen05                       # one GPU
     accelerate launch --num_processes 4 recipes/trl_memory_r_plus.py --out runs/trl-qwen05
-    python recipes/trl_memory_r_plus.py --data ../shared/data/gsm8k --cpu --max-steps 2 ...   # offline check
+    python recipes/trl_memory_r_plus.py --data path/to/gsm8k --cpu --max-steps 2 ...   # offline check: a folder
+                                                  # with GSM8K's train.jsonl and test.jsonl (question, answer)
 
-GRPO settings are the paper's (../shared/docs/memory-r-plus.md §6: G=16, 16 prompts a step, 256 + 200 tokens,
+GRPO settings are the paper's (Le et al., 2025, §6; docs/reproduction.md: G=16, 16 prompts a step, 256 + 200 tokens,
 temperature 0.9, beta 0.04, AdamW 5e-6 with betas (0.9, 0.99), weight decay 0.1, 10 % warm-up, cosine, clip 0.1),
 with LoRA r16 on every linear layer (drop --lora-rank to 0 for full fine-tuning, as the paper). TRL logs each reward
 (rewards/exploit/mean, rewards/explore/mean, ...) and the memory's own metrics (memory/*); every log line also goes

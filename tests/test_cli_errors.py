@@ -51,7 +51,71 @@ MISTAKES = {
     "bad flag type": (lambda t: ["fit", "toy", "--steps", "ten"], "--steps"),
     "unknown flag": (lambda t: ["fit", "toy", "--stepz", "3"], "--stepz"),
     "few_shot out of range": (lambda t: ["fit", "toy", "--set", "few_shot=3"], "few_shot"),
+    "flag and --set disagree": (lambda t: ["fit", "toy", "--steps", "2", "--set", "steps=5", "--out", str(t / "r")],
+                                "steps is given twice (--steps 2 and --set steps=...)"),
+    "method twice": (lambda t: ["fit", "toy", "--method", "r1", "--set", "method=cosine", "--out", str(t / "r")],
+                     "method is given twice"),
+    "out twice": (lambda t: ["fit", "toy", "--out", str(t / "r"), "--set", f"out={t / 'r2'}"], "out is given twice"),
+    "task twice": (lambda t: ["fit", "toy", "--set", "task=arith", "--out", str(t / "r")],
+                   "task is given twice (the TASK argument"),
+    "vram without a unit": (lambda t: ["fit", "toy", "--vram", "8", "--out", str(t / "r")], "write e.g. 8G"),
+    "plan vram without a unit": (lambda t: ["plan", "gsm8k", "--vram", "8"], "needs a unit"),
+    "run folder as --model": (lambda t: ["fit", "toy", "--model", run_folder(t), "--out", str(t / "r")],
+                              "is a tinyrl run folder, not a base model"),
+    "checkpoint as --model": (lambda t: ["eval", "arith", "--model", checkpoint_folder(t)],
+                              "is a LoRA adapter (a tinyrl checkpoint), not a base model: pass --adapter"),
+    "eval toy": (lambda t: ["eval", "toy"], "no answers to check"),
 }
+
+
+def run_folder(tmp_path):
+    from tinyrl import config
+
+    run = tmp_path / "a-run"
+    run.mkdir(exist_ok=True)
+    config.save(config.Config(task="toy", model="smollm2-135m", out=str(run)), str(run / "config.json"))
+    return str(run)
+
+
+def checkpoint_folder(tmp_path):
+    ckpt = tmp_path / "a-run" / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    return str(ckpt)
+
+
+def test_wandb_without_a_login_is_one_line_before_the_run_folder(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    code, err = run_cli(monkeypatch, capsys, "fit", "toy", "--set", "report_to=wandb", "--out", str(tmp_path / "r"))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "no W&B login found" in err and "wandb login" in err and "WANDB_MODE=offline" in err
+    assert not os.path.exists(tmp_path / "r")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    from tinyrl import config
+
+    assert config.wandb_login_found()
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert config.wandb_login_found()
+
+
+def test_help_examples_fit_80_columns_and_each_command_has_its_own(monkeypatch, capsys):
+    for text in (cli.EXAMPLES, cli.FIT_EXAMPLES, cli.EVAL_EXAMPLES, cli.PLAN_EXAMPLES):
+        assert all(len(line) <= 80 for line in text.splitlines()), text
+        assert "shared/" not in text
+    assert len({cli.EXAMPLES, cli.FIT_EXAMPLES, cli.EVAL_EXAMPLES, cli.PLAN_EXAMPLES}) == 4
+    monkeypatch.setattr(sys, "argv", ["tinyrl", "fit", "--help"])
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table to the terminal
+    try:
+        cli.main()
+    except SystemExit as done:
+        assert not done.code
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Default: Qwen/Qwen2.5-0.5B-Instruct" in out and "Default: r1" in out and "Default: 0" in out
 
 
 @pytest.mark.parametrize("name", sorted(MISTAKES))

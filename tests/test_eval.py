@@ -140,6 +140,13 @@ def test_eval_every_checkpoint_of_a_run(tiny_model, tmp_path):
     best, last = evaluate.best_and_last(results)
     assert lines[-2].startswith(f"best step {best}: ") and lines[-1].startswith("last step 4: ")
     saved = dataclasses.replace(config.load(os.path.join(run, "config.json")), task="arith", max_new_tokens=8)
+    assert "eval step 2: 4/4 exact" in done.stdout and "eval step 4: 4/4 exact" in done.stdout
+    assert "max_new_tokens 8" in done.stdout
+    ckpt = os.path.join(run, "checkpoints", "step-000002")  # a checkpoint folder: the run's model, not the default
+    done = subprocess.run([sys.executable, "-m", "tinyrl.cli", "eval", "arith", "--adapter", ckpt, "--limit", "4",
+                           "--out", str(tmp_path / "ckpt.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "max_new_tokens 8 (the run's" in done.stdout and "n=4" in done.stdout
     completions = {}
     for step in (2, 4):
         alone = str(tmp_path / f"alone-{step}.jsonl")

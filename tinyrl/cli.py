@@ -17,14 +17,42 @@ from tinyrl.config import Config
 from tinyrl.errors import Stopped, UserError
 
 EXAMPLES = """
+Examples (each subcommand's --help has its own):
+
+  tinyrl fit toy --model smollm2-135m --out runs/first --steps 20 \\
+    --set prompts_per_step=4 --set group_size=4 --set max_new_tokens=24
+      # offline, 2 CPU cores: about 5 minutes (make demo runs the same)
+  tinyrl plan gsm8k --vram 8G   # the settings an 8 GB card fits, and why
+  tinyrl fit gsm8k --vram 8G    # trains with them (a GPU; the hub's GSM8K)
+  tinyrl eval arith --adapter runs/first --limit 50
+"""
+FIT_EXAMPLES = """
 Examples:
 
-  tinyrl fit arith --model smollm2-135m --steps 20 --out runs/demo     # offline, CPU, minutes
-  tinyrl fit gsm8k --vram 8G                                          # Qwen2.5-0.5B, QLoRA, fits an 8 GB card
-  tinyrl fit gsm8k --data ../shared/data/gsm8k --method memory-r+ --set group_size=8
-  tinyrl fit gsm8k --out runs/demo --resume --steps 900               # continue, and train longer
-  tinyrl eval gsm8k --model smollm2-135m --data ../shared/data/gsm8k --limit 50
-  tinyrl plan gsm8k --vram 8G --model Qwen/Qwen2.5-0.5B-Instruct
+  tinyrl fit toy --model smollm2-135m --out runs/first --steps 20 \\
+    --set prompts_per_step=4 --set group_size=4 --set max_new_tokens=24
+      # offline, 2 CPU cores: about 5 minutes
+  tinyrl fit toy --out runs/first --resume --steps 40
+      # continue it to 40 steps, with its saved settings (a plain
+      # rerun of the first command resumes a stopped run as it was)
+  tinyrl fit gsm8k --vram 8G --method memory-r+
+      # a GPU: Qwen2.5-0.5B with what `tinyrl plan` picks for 8 GB
+  tinyrl fit gsm8k --data my/gsm8k --vram 8G
+      # a local folder with train.jsonl and test.jsonl (question, answer)
+"""
+EVAL_EXAMPLES = """
+Examples:
+
+  tinyrl eval arith --adapter runs/first --limit 50     # its last checkpoint
+  tinyrl eval arith --adapter runs/first --checkpoints all
+  tinyrl eval gsm8k --model smollm2-135m --limit 50     # the base model
+"""
+PLAN_EXAMPLES = """
+Examples:
+
+  tinyrl plan gsm8k --vram 8G               # Qwen2.5-0.5B-Instruct
+  tinyrl plan gsm8k --vram 15G --gpu T4     # a free Colab/Kaggle T4
+  tinyrl plan arith --vram 4G --model smollm2-135m --gpu cpu
 """
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -35,17 +63,30 @@ SET_HELP = "Any Config field as key=value (repeatable); `tinyrl settings` lists 
 
 
 def build_config(base: Config, flags: dict, pairs: list[str]) -> Config:
-    """Apply first-class flags that were given (not None), then --set pairs; type-checked and validated."""
+    """Apply first-class flags that were given (not None), then --set pairs; type-checked and validated. A setting
+    given both ways is refused (one would silently win)."""
     given = {k: v for k, v in flags.items() if v is not None}
+    both = sorted(set(given) & set_keys(pairs))
+    if both:
+        name = both[0]
+        flag = "the TASK argument" if name == "task" else f"--{name.replace('_', '-')} {given[name]}"
+        raise UserError(f"{name} is given twice ({flag} and --set {name}=...): keep one")
+    if given.get("model"):
+        config_mod.refuse_run_folder_as_model(given["model"])
     return config_mod.apply_overrides(dataclasses.replace(base, **given), pairs)
 
 
-@app.command(epilog=EXAMPLES)
+DEFAULT = Config()
+
+
+@app.command(epilog=FIT_EXAMPLES)
 def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) or toy"),
-        model: Optional[str] = typer.Option(None, help="Hub name, local folder, or smollm2-135m (offline)."),
-        method: Optional[str] = typer.Option(None, help="r1, cosine, memory-r, memory-r+"),
-        steps: Optional[int] = typer.Option(None, help="Optimizer steps (0 = one epoch)."),
-        out: Optional[str] = typer.Option(None, help="Run folder (default runs/run)."),
+        model: Optional[str] = typer.Option(None, help="Hub name, local folder, or smollm2-135m (offline). "
+                                                       f"Default: {DEFAULT.model}."),
+        method: Optional[str] = typer.Option(None, help=f"r1, cosine, memory-r, memory-r+. Default: "
+                                                        f"{DEFAULT.method}."),
+        steps: Optional[int] = typer.Option(None, help=f"Optimizer steps (0 = one epoch). Default: {DEFAULT.steps}."),
+        out: Optional[str] = typer.Option(None, help=f"Run folder. Default: {DEFAULT.out}."),
         vram: Optional[str] = typer.Option(None, help="GPU memory budget, e.g. 8G: the planner picks settings."),
         data: Optional[str] = typer.Option(None, help="Local GSM8K-format jsonl/parquet file or folder."),
         seed: Optional[int] = typer.Option(None, help="Random seed."),
@@ -73,12 +114,14 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         os.environ.update(config_mod.DETERMINISTIC_ENV)
     from tinyrl import loop
 
+    quiet_loading_bars()
     loop.fit(cfg, quiet=quiet, pins=pins, resume=resume)
 
 
-@app.command("eval", epilog=EXAMPLES)
+@app.command("eval", epilog=EVAL_EXAMPLES)
 def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
-          model: Optional[str] = typer.Option(None, help="Base model (default: the adapter run's model)."),
+          model: Optional[str] = typer.Option(None, help="Base model (default: the adapter run's model, else "
+                                                         f"{DEFAULT.model})."),
           adapter: Optional[str] = typer.Option(None, help="A run folder (its latest checkpoint) or checkpoint folder."),
           checkpoints: str = typer.Option("latest", help="latest, or all: every checkpoint of the run folder given "
                                                          "as --adapter, then the best and the last."),
@@ -93,6 +136,11 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
 
     if checkpoints not in ("latest", "all"):
         raise UserError(f"--checkpoints must be latest or all (got {checkpoints!r})")
+    from tinyrl import tasks
+
+    if tasks.reward_kind(task) == "toy":
+        raise UserError("eval toy: the toy task has no answers to check (its reward is the share of digits); "
+                        "`tinyrl report RUN` shows what a toy run learned")
     base = Config()
     adapter_dir, results_dir = None, "."
     if adapter:
@@ -105,6 +153,10 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
                 raise UserError(f"--adapter {adapter}: the run has no checkpoint yet")
         elif not os.path.exists(os.path.join(adapter, "adapter_config.json")):
             raise UserError(f"--adapter {adapter}: not a run folder or a checkpoint (no adapter_config.json)")
+        else:  # a checkpoint folder RUN/checkpoints/step-N: the settings of RUN, when it is there
+            run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(adapter))), "config.json")
+            if os.path.exists(run_config):
+                base = config_mod.load(run_config)
     if checkpoints == "all" and results_dir == ".":
         raise UserError("--checkpoints all needs a run folder as --adapter (one with config.json and checkpoints/)")
     if checkpoints == "all" and out:
@@ -112,16 +164,21 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
     cfg = build_config(base, {"task": task, "model": model, "data": data}, set_)
+    quiet_loading_bars()
     if checkpoints == "all":
+        print(f"eval {task}: greedy, max_new_tokens {cfg.max_new_tokens} (the run's; --set max_new_tokens=N to "
+              "change)", flush=True)
         print(evaluate.report_checkpoints(evaluate.evaluate_checkpoints(cfg, results_dir, limit), results_dir, task))
         return
     out_path = out or os.path.join(results_dir, f"eval-{task}.jsonl")
+    whose = " (the run's; --set max_new_tokens=N to change)" if base != Config() else ""
+    print(f"eval {task}: greedy, max_new_tokens {cfg.max_new_tokens}{whose}", flush=True)
     result = evaluate.evaluate(cfg, adapter_dir, limit, out_path)
     print(f"eval {task}: exact_match {result['exact_match']:.4f}  extractive_match {result['extractive_match']:.4f}"
           f"  n={result['n']}  (per-example: {out_path})")
 
 
-@app.command(epilog=EXAMPLES)
+@app.command(epilog=PLAN_EXAMPLES)
 def plan(task: str = typer.Argument(..., help="gsm8k, arith or toy"),
          vram: str = typer.Option(..., help="Memory budget, e.g. 8G, 7.5GiB, 6000M."),
          model: Optional[str] = typer.Option(None, help="Hub name (config only, no weights), local folder, "
@@ -136,6 +193,21 @@ def plan(task: str = typer.Argument(..., help="gsm8k, arith or toy"),
 
     cfg = build_config(Config(), {"task": task, "model": model, "data": data, "vram": vram, "method": method}, set_)
     print(budget.format_plan(loop.make_plan(cfg, frozenset(set_keys(set_)), budget.device_caps(gpu))))
+
+
+QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' bars over files already on disk
+
+
+def quiet_loading_bars() -> None:
+    """Hide transformers' progress bars over weights already on disk (a download keeps its bar: it can take
+    minutes). Its tqdm hook exists in transformers >= 5.2x; older ones keep their bars."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        return factory(*args, **{**kwargs, "disable": True} if kwargs.get("desc") in QUIET_BARS else kwargs)
+
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        hf_logging.set_tqdm_hook(hook)
 
 
 def set_keys(pairs: list[str]) -> set[str]:
@@ -228,6 +300,7 @@ def settings():
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from transformers/peft
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels not installed" on every CPU import
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # "Skipping publisher trust check" offline, every load
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130 here, not an exception
     except UserError as err:

@@ -41,7 +41,8 @@ class Config:
     method: str = "r1"
     """Reward method: `r1` (task rewards), `cosine` (+ length-aware reward), `memory-r` (+ exploit), `memory-r+` (+ exploit, explore)."""
     out: str = "runs/run"
-    """Run folder: config, metrics.jsonl, samples.jsonl, checkpoints. An existing run folder is resumed with --resume."""
+    """Run folder: config, metrics.jsonl, samples.jsonl, checkpoints. Rerunning the same command on an existing run
+    folder resumes it; --resume also lets steps, cadences and the deadline change."""
     steps: int = 0
     """Optimizer steps. 0 = one epoch over the training data (GSM8K: 7473 / 16 = 467)."""
     seed: int = 0
@@ -268,7 +269,31 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     report_sinks(cfg.report_to)
+    if cfg.vram is not None and re.fullmatch(r"\s*[\d.]+\s*", str(cfg.vram)):
+        raise UserError(f"vram={cfg.vram}: a size needs a unit (a bare number is bytes); write e.g. {cfg.vram.strip()}G "
+                        "(GiB), 8000M or 8GB")
     return cfg
+
+
+def refuse_run_folder_as_model(path: str) -> None:
+    """A tinyrl run folder or checkpoint passed where a base model goes (transformers would fail on tinyrl's own
+    config.json with a traceback): one line saying what it is and what to pass."""
+    run_config, adapter = os.path.join(path, "config.json"), os.path.join(path, "adapter_config.json")
+    if os.path.exists(adapter):
+        with open(adapter) as f:
+            base = json.load(f).get("base_model_name_or_path") or "its base model"
+        raise UserError(f"{path} is a LoRA adapter (a tinyrl checkpoint), not a base model: pass --adapter {path} "
+                        f"to eval it, with --model {base}")
+    if os.path.exists(run_config):
+        with open(run_config) as f:
+            try:
+                saved = json.load(f)
+            except ValueError:
+                return
+        if isinstance(saved, dict) and {"method", "group_size", "prompts_per_step"} <= set(saved):
+            raise UserError(f"{path} is a tinyrl run folder, not a base model (its model is {saved.get('model')}): "
+                            f"`tinyrl eval TASK --adapter {path}` evaluates it; `tinyrl fit ... --out {path}` "
+                            "continues it")
 
 
 LIVE = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> the package it needs
@@ -289,11 +314,30 @@ def report_sinks(report_to: str) -> list[str]:
 
 def missing_sinks(report_to: str) -> str | None:
     """One line naming what `report_to` needs that is not installed (found without importing it), else None."""
-    missing = [n for n in report_sinks(report_to) if importlib.util.find_spec(LIVE[n]) is None]
-    if not missing:
-        return None
-    return (f"report_to={report_to} needs {' and '.join(missing)}: pip install {' '.join(missing)}, or drop "
-            "--set report_to")
+    sinks = report_sinks(report_to)
+    missing = [n for n in sinks if importlib.util.find_spec(LIVE[n]) is None]
+    if missing:
+        return (f"report_to={report_to} needs {' and '.join(missing)}: pip install {' '.join(missing)}, or drop "
+                "--set report_to")
+    if "wandb" in sinks and not wandb_login_found():
+        return ("report_to=wandb: no W&B login found; run `wandb login` (or set WANDB_API_KEY), or set "
+                "WANDB_MODE=offline to log to the run folder and `wandb sync` later")
+    return None
+
+
+def wandb_login_found() -> bool:
+    """Whether a W&B run could start without asking for a key: offline or disabled mode, WANDB_API_KEY, or the
+    netrc entry `wandb login` writes for the W&B host (read without importing wandb)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def arith_difficulty(arith_ops: str, arith_max: int) -> tuple[int, int]:

@@ -55,7 +55,7 @@ def evaluate_checkpoints(cfg: Config, run: str, limit: int | None) -> dict[int, 
         if getattr(loaded, "unexpected_keys", None):
             raise UserError(f"checkpoint {path} does not match {paths[0]} (unexpected {loaded.unexpected_keys[:2]})")
         out_path = os.path.join(run, STEP_FILE.format(task=cfg.task, step=step))
-        results[step] = run_eval(model, tokenizer, examples, cfg, out_path, progress=True)
+        results[step] = run_eval(model, tokenizer, examples, cfg, out_path, progress=f"step {step}")
     config_mod.write_atomic(os.path.join(run, SUMMARY_FILE.format(task=cfg.task)),
                             json.dumps({str(step): m for step, m in results.items()}, indent=1) + "\n")
     return results
@@ -101,8 +101,9 @@ def during_fit(model, tokenizer, examples: list[Example], cfg: Config) -> dict:
 
 
 def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: str | None = None,
-             progress: bool = False, batch_size: int | None = None) -> dict:
-    """Greedy completions, `batch_size` prompts per generate call (default gen_batch), and both metrics."""
+             progress: bool | str = False, batch_size: int | None = None) -> dict:
+    """Greedy completions, `batch_size` prompts per generate call (default gen_batch), and both metrics. With
+    `progress`, a line per batch ("eval [PROGRESS: ]n/N ...": a string names what is evaluated, e.g. "step 4")."""
     rows = []
     batch_size = batch_size or cfg.gen_batch
     for s in range(0, len(examples), batch_size):
@@ -118,7 +119,8 @@ def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: s
             rows.append({"index": ex.index, "question": ex.question, "answer": ex.answer, "completion": text,
                          "exact_match": e, "extractive_match": x})
         if progress:
-            print(f"eval {len(rows)}/{len(examples)} exact {mean(r['exact_match'] for r in rows):.3f} "
+            head = f"{progress}: " if isinstance(progress, str) else ""
+            print(f"eval {head}{len(rows)}/{len(examples)} exact {mean(r['exact_match'] for r in rows):.3f} "
                   f"extractive {mean(r['extractive_match'] for r in rows):.3f}", flush=True)
     if out_path:
         config_mod.write_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
