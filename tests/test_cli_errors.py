@@ -161,3 +161,25 @@ def test_plan_refuses_a_model_that_transforms_its_logits_in_one_line(monkeypatch
         "final_logit_softcapping": 30.0}))
     code, err = run_cli(monkeypatch, capsys, "plan", "gsm8k", "--vram", "8G", "--model", str(tmp_path))
     assert code == 2 and "final_logit_softcapping" in err and len(err.splitlines()) == 1
+
+
+def test_a_refusal_suggests_resume_only_where_it_helps(tiny_model, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    from tinyrl import config
+
+    config.save(config.Config(task="toy", model=tiny_model, out=out, steps=4), os.path.join(out, "config.json"))
+    code, err = run_cli(monkeypatch, capsys, "fit", "arith", "--model", tiny_model, "--out", out, "--steps", "4")
+    assert code == 2 and "task cannot change in a run, even with --resume" in err and "pass --resume" not in err
+    code, err = run_cli(monkeypatch, capsys, "fit", "toy", "--model", tiny_model, "--out", out, "--steps", "8")
+    assert code == 2 and "pass --resume to continue it with yours" in err
+
+
+def test_vram_without_a_gpu_says_it_budgets_ram(tmp_path, monkeypatch, capsys):
+    from tinyrl import loop
+
+    monkeypatch.setattr(loop, "fit", lambda cfg, **kw: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["tinyrl", "fit", "toy", "--vram", "4G", "--out", str(tmp_path / "r")])
+    cli.main()
+    assert "no CUDA device here: --vram 4G budgets this machine's RAM" in capsys.readouterr().err

@@ -63,3 +63,55 @@ def test_without_matplotlib_the_report_says_how_to_get_plots(two_runs, tmp_path)
 
 def test_moving_average_by_hand():
     assert plots.moving_average([2.0, 4.0, 6.0], 3) == [2.0, 3.0, 4.0]
+
+
+def synthetic(steps=10, toy=False, memory=True):
+    rows = []
+    for s in range(1, steps + 1):
+        row = {"step": s, "reward/total": s / steps, "correct": 0.0 if toy else s / 20, "len/mean": 30.0 - s,
+               "time/generate": 2.0, "time/train": 1.0, "time/score": 0.1, "mem/generate": 2**30,
+               "mem/train": 2**31, "plan/generate": 2**30, "plan/train": 2**31}
+        row.update({"reward/digits": s / steps} if toy else {"reward/correctness": s / 10})
+        if memory:
+            row.update({"time/memory": 0.2, "memory/success_keys": s, "memory/failure_keys": 2 * s,
+                        "memory/success_values": s, "memory/failure_values": 3 * s})
+        rows.append(row)
+    return rows
+
+
+def drawn(monkeypatch, runs, tmp_path):
+    """plots.write's figures, by file name, kept open for inspection."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    monkeypatch.setattr(plt, "close", lambda fig: figures.setdefault(len(figures), fig))
+    paths = plots.write(runs, str(tmp_path))
+    return {os.path.basename(p): figures[i] for i, p in enumerate(paths)}
+
+
+def test_plots_tick_whole_steps_colour_one_runs_curves_apart_and_keep_legends_off_the_data(monkeypatch, tmp_path):
+    figures = drawn(monkeypatch, {"a": synthetic(4)}, tmp_path / "one")
+    for fig in figures.values():
+        for ax in fig.axes:
+            if ax.get_visible():
+                assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_title()
+    memory = figures["memory.png"].axes[0]
+    assert len({line.get_color() for line in memory.get_lines()}) == 2  # success and failure, one run
+    cost = drawn(monkeypatch, {"a": synthetic(), "b": synthetic()}, tmp_path / "two")["cost.png"]
+    cost.canvas.draw()
+    for ax in cost.axes:
+        legend = ax.get_legend()
+        if legend is not None and len(legend.get_texts()) > 3:
+            assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes, not on the data
+
+
+def test_a_toy_run_draws_and_reports_no_correctness(monkeypatch, tmp_path):
+    figures = drawn(monkeypatch, {"toy": synthetic(toy=True, memory=False)}, tmp_path)
+    titles = [ax.get_title() for ax in figures["learning.png"].axes if ax.get_visible()]
+    assert titles and not any(t.startswith("correct") for t in titles)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in synthetic(toy=True)))
+    text = meter.report(str(run))
+    assert "reward/digits" in text and " correct " not in text

@@ -45,9 +45,14 @@ def check_run(cfg: Config, resume: bool, total: int) -> tuple[list[str], int]:
     if os.path.exists(saved_path):
         saved = config_mod.load(saved_path)
         if saved != cfg and not resume:
-            diff = [f"{k}={getattr(saved, k)!r}" for k in config_mod.FIELDS if getattr(saved, k) != getattr(cfg, k)]
-            raise UserError(f"{run} holds a run with other settings ({', '.join(diff)}); rerun it with those, "
-                            "pass --resume to continue it (steps, cadences and deadline may change), or choose "
+            names = [k for k in config_mod.FIELDS if getattr(saved, k) != getattr(cfg, k)]
+            diff = ", ".join(f"{k}={getattr(saved, k)!r}" for k in names)
+            fixed = [k for k in names if k not in config_mod.RESUMABLE]
+            if fixed:  # --resume cannot help: say so rather than suggest it
+                raise UserError(f"{run} holds a run with other settings ({diff}); rerun it with those, or choose "
+                                f"another --out ({', '.join(fixed)} cannot change in a run, even with --resume)")
+            raise UserError(f"{run} holds a run with other settings ({diff}); rerun it with those, pass --resume "
+                            "to continue it with yours (steps, cadences and deadline may change), or choose "
                             "another --out")
         changes = config_mod.resume_changes(saved, cfg, run)
     named = latest_name(run)  # the step resumed from, unless that checkpoint turns out damaged

@@ -112,8 +112,11 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         raise UserError(missing)
     if cfg.deterministic:  # before torch loads: MKL and cuBLAS read these once
         os.environ.update(config_mod.DETERMINISTIC_ENV)
-    from tinyrl import loop
+    from tinyrl import budget, loop
 
+    if cfg.vram and not budget.detect_caps(cfg.device).cuda:
+        print(f"note: no CUDA device here: --vram {cfg.vram} budgets this machine's RAM for a CPU run (peak RSS is "
+              "measured as mem/* in metrics.jsonl)", file=sys.stderr, flush=True)
     quiet_loading_bars()
     loop.fit(cfg, quiet=quiet, pins=pins, resume=resume)
 

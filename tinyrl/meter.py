@@ -383,7 +383,8 @@ def report(run: str, width: int = 60) -> str:
     k = max(1, min(5, len(history) // 4))
     lines = [f"{run}: {len(history)} steps"]
     keys = ["reward/total"] + sorted(key for key in history[0] if key.startswith("reward/") and key != "reward/total")
-    for key in keys + ["correct", "len/mean"]:
+    checked = "reward/digits" not in history[0]  # the toy task checks no answers: `correct` is always 0
+    for key in keys + (["correct"] if checked else []) + ["len/mean"]:
         series = [m.get(key, 0.0) for m in history]
         stride = max(1, len(series) // width)
         curve = [sum(series[i:i + stride]) / len(series[i:i + stride]) for i in range(0, len(series), stride)]

@@ -39,8 +39,12 @@ def write(runs: dict[str, list[dict]], folder: str) -> list[str]:
     matplotlib.use("Agg")  # files only: no display needed, none opened
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     os.makedirs(folder, exist_ok=True)
     keys = set().union(*(row for rows in runs.values() for row in rows))
+    if not any(answers_checked(rows) for rows in runs.values()):
+        keys.discard("correct")  # toy runs: no answers, `correct` is 0 by definition
     rewards = ["reward/total"] + sorted(k for k in keys if k.startswith("reward/") and k != "reward/total")
     figures = {
         "rewards.png": [(k[len("reward/"):], [(k, "")]) for k in rewards],
@@ -76,24 +80,37 @@ def write(runs: dict[str, list[dict]], folder: str) -> list[str]:
                 shade_explore(ax, runs)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.25 ticks
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            entries = len(ax.get_legend_handles_labels()[1])
+            if entries > 3:  # many curves (two runs' phases): the legend goes beside the axes, not over the data
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+            else:
+                ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         fig.suptitle(" vs ".join(runs), fontsize=11)
         fig.tight_layout()
         path = os.path.join(folder, name)
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=90, bbox_inches="tight")  # takes in legends beside the axes
         plt.close(fig)
         written.append(path)
     return written
 
 
+def answers_checked(rows: list[dict]) -> bool:
+    """Whether a run's task checks answers (its `correct` means something): all but the toy task, whose only
+    reward is the share of digits."""
+    return not rows or "reward/digits" not in rows[0]
+
+
 def draw(ax, runs: dict[str, list[dict]], series: list[tuple[str, str]], scale: float = 1.0) -> None:
-    """Every run's curve of every key in `series` on one axis: colour per run, line style per key."""
-    for color, (run, rows) in enumerate(runs.items()):
-        for style, (key, label) in zip(STYLES, series):
+    """Every run's curve of every key in `series` on one axis: colour per run and line style per key; one run:
+    a colour per key too, so its curves tell apart at a glance."""
+    for run_index, (run, rows) in enumerate(runs.items()):
+        for key_index, (style, (key, label)) in enumerate(zip(STYLES, series)):
+            color = key_index if len(runs) == 1 else run_index
             points = [(r["step"], r[key] * scale) for r in rows if r.get(key) is not None]
             if not points:
                 continue
