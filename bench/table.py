@@ -102,13 +102,14 @@ def gpu_rows() -> list[tuple[str, str, str, str]]:
                     return f"{names[r['model']]}: fits, the {m['same_settings_as']} settings"
                 verdict = "fits" if r["fits"] else f"DOES NOT FIT ({m.get('oom/backoffs', 0)} OOM back-off)"
                 quant = {"none": "16-bit", "4bit": "4-bit"}[r["plan"]["knobs"]["quant"]]
-                return (f"{names[r['model']]} {quant}: {verdict}, "
+                return (f"{names[r['model']]} {quant}, micro-batch {r['plan']['knobs']['micro_batch']}: {verdict}, "
                         f"needs {r['needed_bytes'] / 2**30:.2f} GiB, {m['time/step']:.0f} s/step "
                         f"(P={m['prompts_per_step']})")
 
             cells = [cell(r) for r in got]
             out.append((f"`fit --vram {vram}` under a hard {vram[:-1]} GiB cap, random-init geometries, G=16, "
-                        "256+200 tokens", "; ".join(cells), hw, "bench/budget.py"))
+                        f"256+200 tokens, as planned on {sweep['date']} (the planner has since grown the micro-batch "
+                        "to fill the card: `tinyrl plan` shows today's)", "; ".join(cells), hw, "bench/budget.py"))
         measured = list(rows.values())
         for key, label in (("error_generate", "generation"), ("error_train", "training")):
             ran = [r[key] for r in measured]
