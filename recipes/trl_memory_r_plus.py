@@ -19,34 +19,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
-import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
-from trl import GRPOConfig, GRPOTrainer
-
-from tinyrl import prompts, tasks
-from tinyrl.trl import MemoryRewardFunctions
+# torch, transformers, TRL and datasets load in main(), after the arguments are read: `--help` is instant and a
+# wrong flag costs nothing
+for noisy in ("bitsandbytes", "kernels"):  # offline "kernels not installed / publisher trust" lines on every import
+    logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-class JsonlLog(TrainerCallback):
-    """Every TRL log line as one JSON object in OUT/metrics.jsonl (rank 0)."""
+def jsonl_log(path: str):
+    """A TRL callback writing every log line as one JSON object in OUT/metrics.jsonl (rank 0)."""
+    from transformers import TrainerCallback
 
-    def __init__(self, path: str):
-        self.path = path
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+    return JsonlLog()
 
 
-def dataset(data: str | None, limit: int | None) -> Dataset:
+def dataset(data: str | None, limit: int | None):
     """GSM8K train as TRL wants it: a conversational prompt (tinyrl's XML system prompt), plus the gold answer and
     the question (the memory key) as columns."""
+    from datasets import Dataset
+
+    from tinyrl import prompts, tasks
+
     rows = [{"prompt": [{"role": "system", "content": prompts.SYSTEM_PROMPT},
                         {"role": "user", "content": ex.question}], "answer": ex.answer, "question": ex.question}
             for ex in tasks.load_task("gsm8k", data, "train", seed=0, limit=limit)]
@@ -74,8 +75,17 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a = p.parse_args()
 
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tinyrl.trl import MemoryRewardFunctions
+
     os.makedirs(a.out, exist_ok=True)
-    bf16 = not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)  # not emulated (T4)
+    # bf16 only where the card computes it (torch's default check also counts the emulated bf16 of a T4)
+    bf16 = not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     fp16 = not a.cpu and torch.cuda.is_available() and not bf16
     local = int(os.environ.get("LOCAL_RANK", "0"))  # torch.distributed is not up yet: the launcher's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -98,7 +108,7 @@ def main() -> None:
                       ) if a.lora_rank else None
     trainer = GRPOTrainer(model=model, reward_funcs=memory.reward_funcs(), args=args,
                           train_dataset=train, processing_class=tokenizer, peft_config=lora,
-                          callbacks=[memory.callback(), JsonlLog(os.path.join(a.out, "metrics.jsonl"))])
+                          callbacks=[memory.callback(), jsonl_log(os.path.join(a.out, "metrics.jsonl"))])
     last = get_last_checkpoint(a.out) if a.resume and os.path.isdir(a.out) else None
     if a.resume and last is None:
         raise SystemExit(f"--resume: no checkpoint-N folder in {a.out}; drop --resume to start")

@@ -166,3 +166,15 @@ def test_evaluation_leaves_the_memory_alone():
         f(batch["prompts"], batch["completions"], answer=batch["answer"], log_metric=trainer._log_metric)
     assert funcs.memory.stats()["success_values"] + funcs.memory.stats()["failure_values"] == 16
     assert trainer.logged
+
+
+def test_the_recipes_help_is_instant_and_quiet():
+    """`--help` reads no model stack (it took 7-12 s and printed bitsandbytes' offline kernel warning)."""
+    code = ("import runpy, sys; sys.argv = ['trl_memory_r_plus.py', '--help']\n"
+            "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
+            % os.path.join(REPO, "recipes", "trl_memory_r_plus.py"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "heavy: []" in done.stdout and "--resume" in done.stdout and not done.stderr.strip()
