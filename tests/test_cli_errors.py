@@ -183,3 +183,14 @@ def test_vram_without_a_gpu_says_it_budgets_ram(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tinyrl", "fit", "toy", "--vram", "4G", "--out", str(tmp_path / "r")])
     cli.main()
     assert "no CUDA device here: --vram 4G budgets this machine's RAM" in capsys.readouterr().err
+
+
+def test_resume_with_another_task_names_the_runs_task_not_its_data(tmp_path, monkeypatch, capsys):
+    """The run's saved --data (a gsm8k folder) must not surface as an error about a flag the user did not pass."""
+    from tinyrl import config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config.save(config.Config(task="gsm8k", data=str(tmp_path / "gsm8k"), out=str(run)), str(run / "config.json"))
+    code, err = run_cli(monkeypatch, capsys, "fit", "toy", "--out", str(run), "--resume")
+    assert code == 2 and "is a gsm8k run and its task cannot change" in err and "--data" not in err

@@ -104,7 +104,10 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         if not os.path.exists(saved):
             raise UserError(f"--resume: {run} holds no run (no config.json); drop --resume to start one")
         base = config_mod.load(saved)
-        flags = {k: v for k, v in flags.items() if k != "task" or v != base.task}
+        if task != base.task:  # said before its data (the run's --data, not the user's) is read for the new task
+            raise UserError(f"--resume: {run} is a {base.task} run and its task cannot change; run `tinyrl fit "
+                            f"{base.task} --out {run} --resume`, or start the {task} run in another --out")
+        flags = {k: v for k, v in flags.items() if k != "task"}
     pins = frozenset(k for k, v in flags.items() if v is not None) | set_keys(set_)
     cfg = build_config(base, flags, set_)
     missing = config_mod.missing_sinks(cfg.report_to)
@@ -160,6 +163,8 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
             run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(adapter))), "config.json")
             if os.path.exists(run_config):
                 base = config_mod.load(run_config)
+        if base.task != task and data is None:  # the run's --data was its task's: not this task's, nor the user's
+            base = dataclasses.replace(base, data=None)
     if checkpoints == "all" and results_dir == ".":
         raise UserError("--checkpoints all needs a run folder as --adapter (one with config.json and checkpoints/)")
     if checkpoints == "all" and out:
