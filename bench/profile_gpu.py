@@ -205,7 +205,7 @@ def train_rows(parts, cfg, batch, args, work, device, card, out: list, save) -> 
     if args.compile_layers:
         variants += [(last, "compiled layers"), (last, "compiled log-prob chunk")]
     layers = policy.causal_lm(parts.model).get_decoder().layers
-    real_chunk = policy._logprob_and_lse
+    real_chunk = policy.scoring._logprob_and_lse  # patched where _TokenLogprob looks it up
     for b, compiled in variants:
         c = loop.with_overrides(cfg, micro_batch=b, logprob_chunk=min(4, b))
         name = f"train (micro_batch {b}{', ' + compiled if compiled else ''})"
@@ -213,8 +213,8 @@ def train_rows(parts, cfg, batch, args, work, device, card, out: list, save) -> 
             if compiled == "compiled layers":  # regional compilation: each decoder layer on its own
                 for layer in layers:
                     layer.compile(dynamic=False)
-            elif compiled:  # the log-prob chunk's forward (its backward recomputes through policy._logits)
-                policy._logprob_and_lse = torch.compile(real_chunk, dynamic=False)
+            elif compiled:  # the log-prob chunk's forward (its backward recomputes through policy.scoring._logits)
+                policy.scoring._logprob_and_lse = torch.compile(real_chunk, dynamic=False)
 
             def call():
                 return loop.train_step(parts.model, parts.optimizer, tb, c, device)
@@ -229,7 +229,7 @@ def train_rows(parts, cfg, batch, args, work, device, card, out: list, save) -> 
         finally:
             for layer in layers:
                 layer.__dict__.pop("_compiled_call_impl", None)
-            policy._logprob_and_lse = real_chunk
+            policy.scoring._logprob_and_lse = real_chunk
         flops, nbytes = work.train(b)
         r = row(name, seconds, flops, nbytes, launched, card)
         out.append(r)

@@ -69,7 +69,7 @@ def test_bf16_static_logits_equal_eager_ones_to_rounding(tiny_model, monkeypatch
         seen.setdefault(mode, []).append(logits.clone())
         return real(logits, *args, **kwargs)
 
-    monkeypatch.setattr(policy, "next_tokens", spy)
+    monkeypatch.setattr(policy.generation, "next_tokens", spy)
     for mode in ("eager", "static"):
         sample(model, tok, prompts, mode, greedy=True, group_size=1, gen_batch=3, max_new_tokens=6, min_new_tokens=6)
     for eager, static in zip(seen["eager"], seen["static"], strict=True):
@@ -95,7 +95,7 @@ def test_the_static_step_keeps_every_shape_and_address(tiny_model, monkeypatch):
 
     prompts = prompt_batch(tok)
     monkeypatch.setattr(decoding, "CHECK_EVERY", 1000)
-    monkeypatch.setattr(policy, "shared_prefill", spied_prefill(decoder, spying, monkeypatch))
+    monkeypatch.setattr(policy.generation, "shared_prefill", spied_prefill(decoder, spying, monkeypatch))
     sample(model, tok, prompts, "static", group_size=2, gen_batch=6, max_new_tokens=12)
     assert len(seen) == 12
     inputs = [step[:-1] for step in seen]
@@ -132,7 +132,7 @@ def test_ended_rows_are_read_every_few_tokens(tiny_model, monkeypatch):
             logits = torch.full_like(logits, -torch.inf).index_fill_(-1, torch.tensor(eos[:1]), 0.0)
         return real_next(logits, *args, **kwargs)
 
-    monkeypatch.setattr(policy, "next_tokens", ending)
+    monkeypatch.setattr(policy.generation, "next_tokens", ending)
     out = sample(model, tok, prompts, "static", group_size=1, gen_batch=3, max_new_tokens=40)
     assert len(steps) == decoding.CHECK_EVERY  # not 40, and not 3: the first read after every row ended
     assert out.completion_ids.shape == (3, 40) and out.completion_mask.sum(-1).tolist() == [3.0, 3.0, 3.0]
@@ -141,7 +141,7 @@ def test_ended_rows_are_read_every_few_tokens(tiny_model, monkeypatch):
 def test_caches_that_are_not_laid_out_decode_eagerly(tiny_model, monkeypatch):
     """Sliding-window models (no laid-out cache) and 1-token prompts (no cache) take the eager loop."""
     model, tok = load(tiny_model)
-    monkeypatch.setattr(policy, "lay_out", lambda cache, rows, room: False)
+    monkeypatch.setattr(policy.generation, "lay_out", lambda cache, rows, room: False)
     monkeypatch.setattr(decoding, "decode_static", lambda *a, **k: pytest.fail("decoded statically"))
     out = sample(model, tok, prompt_batch(tok), "static", greedy=True)
     monkeypatch.undo()

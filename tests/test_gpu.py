@@ -90,7 +90,7 @@ def laid_out_vs_grown(folder: str) -> dict:
         return out, torch.cuda.max_memory_reserved()
 
     laid_out, reserved_laid_out = run()
-    policy.lay_out = lambda cache, rows, room: False  # this process only
+    policy.generation.lay_out = lambda cache, rows, room: False  # this process only
     grown, reserved_grown = run()
     return {"equal": (laid_out == grown).float().mean().item(), "reserved_laid_out": reserved_laid_out,
             "reserved_grown": reserved_grown}
@@ -189,12 +189,12 @@ def _greedy_logits(model, tok, prompts, mode: str, monkeypatch, steps: int = 96)
         record["at"].add_(1)
         return real(logits, *args, **kwargs)
 
-    monkeypatch.setattr(policy, "next_tokens", recording)
+    monkeypatch.setattr(policy.generation, "next_tokens", recording)
     try:
         ids = policy.generate(model, tok, prompts, group_size=8, max_new_tokens=steps, gen_batch=32, greedy=True,
                               decode_mode=mode).completion_ids
     finally:
-        monkeypatch.setattr(policy, "next_tokens", real)
+        monkeypatch.setattr(policy.generation, "next_tokens", real)
     return ids, record["logits"].cpu()
 
 

@@ -91,7 +91,7 @@ def test_generate_restores_train_mode_after_an_out_of_memory_error(tiny_model, m
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(policy, "decode", out_of_memory)
+    monkeypatch.setattr(policy.generation, "decode", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         policy.generate(model, tok, prompts, group_size=2, max_new_tokens=4, gen_batch=2)
     assert model.training and all(m.training for m in model.modules())
@@ -149,7 +149,7 @@ def test_each_batch_cache_is_freed_before_the_next_prefill(tiny_model, monkeypat
         made.append(weakref.ref(cache))
         return cache
 
-    monkeypatch.setattr(policy, "shared_prefill", tracking)
+    monkeypatch.setattr(policy.generation, "shared_prefill", tracking)
     policy.generate(model, tok, prompts, group_size=3, max_new_tokens=8, gen_batch=2)
     assert len(made) == 3 and alive_at_next == [False] * 3  # 6 rows in 3 batches; no cache outlived its batch
 
@@ -209,7 +209,7 @@ def test_shared_prompt_scoring_equals_per_row(tiny_model, monkeypatch, checkpoin
     shared = run()
     assert rows_seen[:2] == [2, 6]  # the 2 prompts once, then the 6 completions: the shared path ran
     hook.remove()
-    monkeypatch.setattr(policy, "can_share_prompt", lambda decoder: False)
+    monkeypatch.setattr(policy.scoring, "can_share_prompt", lambda decoder: False)
     per_row = run()
     assert torch.allclose(shared[0], per_row[0], atol=1e-5) and torch.allclose(shared[1], per_row[1], atol=1e-5)
     assert shared[2].keys() == per_row[2].keys()
@@ -355,7 +355,7 @@ def test_planner_and_policy_agree_on_prompt_sharing_support(monkeypatch):
     cfg = Config(task="toy", model="smollm2-135m", vram="2G")
     cpu = budget.DEVICES["cpu"]  # where training shares prompts (policy.share_scoring)
     shared = loop.make_plan(cfg, frozenset(), cpu)
-    monkeypatch.setattr(policy, "prompt_sharing_available", lambda: False)
+    monkeypatch.setattr(policy.scoring, "prompt_sharing_available", lambda: False)
     assert not policy.can_share_prompt(torch.nn.Module())
     per_row = loop.make_plan(cfg, frozenset(), cpu)
     assert per_row.breakdown.training > shared.breakdown.training
@@ -416,9 +416,9 @@ def test_generate_runs_lean_and_samples_what_peft_would(tiny_model, monkeypatch)
 
     lean, entered = sample(), []
     real = policy.lean_lora
-    monkeypatch.setattr(policy, "lean_lora", lambda m: entered.append(m) or real(m))
+    monkeypatch.setattr(policy.generation, "lean_lora", lambda m: entered.append(m) or real(m))
     assert torch.equal(sample(), lean) and entered == [model]
-    monkeypatch.setattr(policy, "lean_lora", lambda m: contextlib.nullcontext())
+    monkeypatch.setattr(policy.generation, "lean_lora", lambda m: contextlib.nullcontext())
     assert torch.equal(sample(), lean)  # peft's forward samples exactly the same tokens
 
 
@@ -498,8 +498,8 @@ def test_laid_out_cache_samples_the_same_tokens_and_never_grows(tiny_model, monk
                          layer.keys.shape[-2], layer.buffers[0].shape[-2]) for layer in cache.layers])
         return out
 
-    monkeypatch.setattr(policy, "lay_out", spying_lay_out)
-    monkeypatch.setattr(policy, "decode", spying_decode)
+    monkeypatch.setattr(policy.generation, "lay_out", spying_lay_out)
+    monkeypatch.setattr(policy.generation, "decode", spying_decode)
     laid_out = sample()
     from tinyrl import budget
 
@@ -510,8 +510,8 @@ def test_laid_out_cache_samples_the_same_tokens_and_never_grows(tiny_model, monk
     for keys_at, buffer_at, filled, length in storage[0]:
         assert keys_at == buffer_at  # the layer's keys are still a view of the buffer allocated once
         assert filled == length  # exactly full: the prompt's last token and 8 of the 9 new ones were fed
-    monkeypatch.setattr(policy, "lay_out", lambda cache, rows, room: False)
-    monkeypatch.setattr(policy, "decode", real_decode)
+    monkeypatch.setattr(policy.generation, "lay_out", lambda cache, rows, room: False)
+    monkeypatch.setattr(policy.generation, "decode", real_decode)
     assert torch.equal(sample(), laid_out)  # the grown cache: the same tokens
 
 

@@ -51,7 +51,7 @@ def stub(tmp_path, monkeypatch):
 
 
 def test_unsloth_backend_wiring_trains_and_saves_a_peft_adapter(stub, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(policy, "UNSLOTH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(policy.loading, "UNSLOTH_DEVICES", ("cuda", "cpu"))
     common = dict(task="toy", model=tiny_model, steps=3, prompts_per_step=2, group_size=4, max_new_tokens=8,
                   lr=1e-2, max_grad_norm=1.0)
     run = loop.fit(Config(out=str(tmp_path / "run"), backend="unsloth", **common), quiet=True)

@@ -191,7 +191,7 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
     model_config = budget.load_model_config(name)
     policy.check_plain_logits(types.SimpleNamespace(**model_config), cfg.model)  # refused before any plan is shown
     geometry = budget.geometry_from_config(model_config, name=cfg.model)
-    if not policy.prompt_sharing_available():  # this transformers scores every row with its own prompt
+    if not policy.scoring.prompt_sharing_available():  # this transformers scores every row with its own prompt
         geometry = dataclasses.replace(geometry, full_attention=False)
     lengths = [cfg.max_prompt_tokens]
     try:
