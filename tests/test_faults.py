@@ -95,11 +95,12 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_matches(tiny_mod
 def test_a_second_sigint_stops_at_once_and_leaves_the_last_checkpoint(tiny_model, tmp_path):
     run, log = str(tmp_path / "run"), str(tmp_path / "stderr")
     slow = ["--set", "prompts_per_step=8", "--set", "group_size=16", "--set", "max_new_tokens=96",
-            "--set", "save_every=1"]  # steps of seconds: both signals land inside one
+            "--set", "min_new_tokens=96", "--set", "gen_batch=128",
+            "--set", "save_every=1"]  # one generation batch of seconds: both signals land inside it
     proc = start(command(tiny_model, run, 50, *slow), log)
     wait_for(lambda: checkpoint.latest_name(run) == "step-000001", proc)
     proc.send_signal(signal.SIGINT)
-    wait_for(lambda: "stopping after this step" in open(log).read(), proc)
+    wait_for(lambda: "stopping at the next batch" in open(log).read(), proc)
     logged = len(rows(run))
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
@@ -307,3 +308,40 @@ def test_the_cli_sets_the_deterministic_environment_before_torch_loads():
     probe = subprocess.run([sys.executable, "-c", "import sys, tinyrl.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True, env=ENV)
     assert probe.stdout.strip() == "False"  # so cli.fit can still set MKL_CBWR before `from tinyrl import loop`
+
+
+def test_a_stop_request_lands_at_the_next_batch_and_the_rerun_matches(tiny_model, tmp_path, monkeypatch):
+    """#27: a signal during step 3's generation stops after the batch in progress (not at the step's end): the
+    step is dropped, a checkpoint of step 2 is written with the random state as it was when step 3 began, and the
+    rerun gives the uninterrupted run's metrics and samples. In training (no memory) likewise, at a micro-batch."""
+    from tinyrl import faults, loop
+    from tinyrl.config import Config
+    from tinyrl.errors import Stopped
+
+    cfg = Config(task="toy", model=tiny_model, steps=4, prompts_per_step=2, group_size=4, max_new_tokens=10,
+                 gen_batch=2, micro_batch=2, lr=1e-2, save_every=10, sample_every=1, deterministic=True)
+    reference = loop.fit(dataclasses.replace(cfg, out=str(tmp_path / "ref")), quiet=True)
+    real = faults.at_boundary
+    for phase in ("generating", "training"):
+        seen = []
+
+        def at_boundary(stops, log, step, name, exact=True):
+            inner = real(stops, log, step, name, exact)
+
+            def at(done, total):
+                seen.append((step, name, done))
+                if step == 2 and name == phase and done == 2:  # the first batch of step 3's phase is done
+                    stops.signal, stops.code = "SIGTERM", 143
+                inner(done, total)
+
+            return at
+
+        monkeypatch.setattr(faults, "at_boundary", at_boundary)
+        run = str(tmp_path / phase)
+        with pytest.raises(Stopped, match="stopped at step 2/4 by SIGTERM; checkpoint step-000002 saved"):
+            loop.fit(dataclasses.replace(cfg, out=run), quiet=True)
+        assert seen[-1] == (2, phase, 2)  # no batch after the request
+        assert len(rows(run)) == 2 and checkpoint.latest_name(run) == "step-000002"
+        monkeypatch.setattr(faults, "at_boundary", real)
+        loop.fit(dataclasses.replace(cfg, out=run), quiet=True)
+        assert outputs(run) == outputs(reference)

@@ -63,3 +63,19 @@ def test_a_cpu_phase_starts_without_the_last_ones_freed_heap():
     with meter.phase({}, {}, "next", torch.device("cpu")):
         after = vm_rss()
     assert before - after > 100 * 2**20 and len(kept) == 200
+
+
+def test_progress_inside_a_step_is_a_line_at_most_every_so_often_off_a_terminal(tmp_path, monkeypatch, capsys):
+    """#27: a CPU step of minutes is not silent: off a terminal a line now and then; a fast step adds none."""
+    from tinyrl import meter as meter_mod
+
+    log = meter_mod.Meter(str(tmp_path), total=20, start=0)
+    log.within(3, "generating", 16, 256)  # within WITHIN_EVERY of the start: nothing
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(meter_mod, "WITHIN_EVERY", 0.0)
+    log.within(3, "generating", 32, 256)
+    log.within(3, "generating", 256, 256)  # the phase is done: the step line follows, no progress line
+    assert capsys.readouterr().out == "  step 3/20: generating 32/256\n"
+    quiet = meter_mod.Meter(str(tmp_path), total=20, start=0, quiet=True)
+    quiet.within(3, "training", 8, 256)
+    assert capsys.readouterr().out == ""

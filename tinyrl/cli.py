@@ -94,7 +94,7 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved settings."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress output.")):
     """Train a policy with GRPO (+ Memory-R+) and checkpoint it; rerunning the same command resumes.
-    SIGINT/SIGTERM stop it at the next step with a checkpoint (a second one at once)."""
+    SIGINT/SIGTERM stop it within seconds, at the next batch, with a checkpoint (a second one at once)."""
     flags = {"task": task, "model": model, "method": method, "steps": steps, "out": out, "vram": vram,
              "data": data, "seed": seed}
     base = Config()

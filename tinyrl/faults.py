@@ -3,7 +3,8 @@ requests from signals, a deadline judged from measured step times, deterministic
 
 - `RunLock`: two `fit` processes on one --out would interleave their checkpoints; the second is refused.
 - `StopRequests`: SIGTERM or SIGINT (a notebook's stop button, the end of a session) asks the loop to stop at the
-  next step boundary with a checkpoint; a second one stops at once.
+  next generation batch or micro-batch (`at_boundary`: the step is dropped, `Abandoned`) with a checkpoint; a
+  second one stops at once.
 - `with_oom_backoff`: an out-of-memory error halves gen_batch or micro_batch and redoes the same work.
 - `past_deadline`: whether the next step (and a checkpoint) would end after `max_minutes`.
 - `deterministic`: torch's deterministic algorithms while fit runs (deterministic=true).
@@ -75,9 +76,15 @@ class RunLock:
             self.fd = None
 
 
+class Abandoned(Exception):
+    """A stop request reached a batch boundary inside a step: the step is dropped, and the run checkpoints as it
+    was when the step began (the loop puts the random state back)."""
+
+
 class StopRequests:
     """While active, the first SIGINT or SIGTERM sets `signal` (its name) and `code` for the loop to act on at
-    the next step boundary; a second raises KeyboardInterrupt at once, which unwinds through the atomic writes
+    the next boundary: a generation batch, a training micro-batch where that is exact (`boundary`), or the step's
+    end; a second raises KeyboardInterrupt at once, which unwinds through the atomic writes
     (a checkpoint being written is removed, never half-kept). The previous handlers come back on exit.
     Handlers can only be set in the main thread; elsewhere signals keep their usual effect."""
 
@@ -102,7 +109,24 @@ class StopRequests:
             _say(f"tinyrl: {name} again: stopping at once; the last checkpoint stays\n")
             raise KeyboardInterrupt
         self.signal, self.code = name, 128 + signum
-        _say(f"tinyrl: {name}: stopping after this step with a checkpoint (send it again to stop at once)\n")
+        _say(f"tinyrl: {name}: stopping at the next batch with a checkpoint (send it again to stop at once)\n")
+
+    def boundary(self, exact: bool = True) -> None:
+        """Raise Abandoned when a stop was asked for and dropping the step here loses nothing (`exact`: nothing
+        the step changed outlives it but the random state, which the loop restores)."""
+        if self.signal is not None and exact:
+            raise Abandoned(self.signal)
+
+
+def at_boundary(stops: StopRequests | None, log, step: int, phase: str, exact: bool = True):
+    """The callback for after each generation batch or training micro-batch of step `step` (0-based): progress on
+    the meter `log` (`within`), then a stop request lands there when dropping the step loses nothing (`exact`)."""
+    def at(done: int, total: int) -> None:
+        log.within(step + 1, phase, done, total)
+        if stops is not None:
+            stops.boundary(exact)
+
+    return at
 
 
 def _say(text: str) -> None:

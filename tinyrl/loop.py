@@ -1,14 +1,9 @@
-"""The tinyrl training loop: GRPO (+ Memory-R+) on a LoRA/QLoRA policy. With evaluate.py, the only module that wires
-the stages.
+"""The tinyrl training loop: GRPO (+ Memory-R+) on a LoRA/QLoRA policy; with evaluate.py, the one that wires stages.
 
-One optimizer step, top to bottom in `fit`:
-    sample P examples -> render prompts -> generate G completions each -> score (task rewards [+ memory])
-    -> group advantages -> loss/backward over micro-batches -> clip, AdamW step -> log -> checkpoint
-
-Deviations from the paper (docs/design.md): LoRA/QLoRA instead of full fine-tuning; the reference policy is the
-same weights with the adapter disabled; completion log-probs are computed row-chunked.
-
-    tinyrl fit arith --model smollm2-135m --steps 20 --out runs/demo
+One optimizer step, top to bottom in `fit`: sample P examples -> render prompts -> generate G completions each ->
+score (task rewards [+ memory]) -> group advantages -> loss/backward over micro-batches -> clip, AdamW step -> log
+-> checkpoint. Deviations from the paper (docs/design.md): LoRA/QLoRA instead of full fine-tuning; the reference
+policy is the same weights with the adapter disabled; completion log-probs are computed row-chunked.
 """
 
 from __future__ import annotations
@@ -21,9 +16,8 @@ import time
 import types
 from typing import Any
 
-import torch
-
 import numpy as np
+import torch
 
 from tinyrl import (budget, checkpoint, encoder, evaluate, faults, grpo, memory, meter, policy, prompts, rewards,
                     tasks)
@@ -36,7 +30,8 @@ from tinyrl.types import Example, Rollouts, Scored, StepResult, TrainBatch
 def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), resume: bool = False) -> str:
     """Train (or resume) the run in cfg.out; returns the run folder. `pins`: settings the user set by hand, which
     the --vram planner keeps. `resume`: --resume was given, so config.RESUMABLE settings may differ from the run's.
-    A signal stops it at a step boundary with a checkpoint (errors.Stopped); `max_minutes` likewise, returning."""
+    A signal stops it at the next batch boundary, dropping the step in progress, with a checkpoint at the step's
+    start (errors.Stopped); `max_minutes` stops it between steps likewise, returning."""
     begun = time.perf_counter()
     checkpoint.check_writable(cfg.out)
     planned = None
@@ -53,7 +48,7 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
         changes, _ = checkpoint.check_run(cfg, resume, total)  # refused before minutes of loading, not after
         random.seed(cfg.seed)
-        parts = load_parts(cfg, planned, quiet)
+        parts = dataclasses.replace(load_parts(cfg, planned, quiet), stops=stops)
         os.makedirs(cfg.out, exist_ok=True)  # only now: a bad task or model leaves no run folder behind
         lock.acquire()  # before the run folder is touched
         run = checkpoint.prepare_run(cfg, resume, total)
@@ -68,8 +63,16 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         saved, step_times, save_s, skipped = start, [], 0.0, 0
         try:
             for step in range(start, total):
-                if stops.signal or faults.past_deadline(time.perf_counter() - begun, step_times, save_s,
-                                                        60 * cfg.max_minutes):
+                began_step = (checkpoint.rng_state(), list(random.getstate()))  # put back if the step is dropped
+                dropped = stops.signal or faults.past_deadline(time.perf_counter() - begun, step_times, save_s,
+                                                               60 * cfg.max_minutes)
+                if not dropped:
+                    try:
+                        metrics, cfg = take_step(parts, cfg, train, step, log)
+                    except faults.Abandoned:  # a stop request inside the step: as if it came before it
+                        checkpoint.set_rng_state(*began_step)
+                        dropped = True
+                if dropped:
                     note = "" if saved == step else f"; checkpoint {save(run, step, parts, cfg, log)} saved"
                     why = stops.signal or f"max_minutes={cfg.max_minutes:g} (the next step would end past it)"
                     message = f"stopped at step {step}/{total} by {why}{note}; rerun the same command to resume"
@@ -77,7 +80,6 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
                         raise Stopped(message, stops.code)
                     meter.notice(message)
                     break
-                metrics, cfg = take_step(parts, cfg, train, step, log)
                 step_times.append(metrics["time/step"])
                 metrics.update(planned.metrics() if planned else {})
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -112,6 +114,7 @@ class Parts:
     scaler: torch.amp.GradScaler | None  # dynamic loss scaling, for fp16 compute only
     encoder: Any  # sentence encoder for the memory methods, else None
     memory: memory.MemoryState | None
+    stops: faults.StopRequests | None = None  # SIGINT/SIGTERM, acted on at batch boundaries inside a step
 
 
 def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
@@ -135,11 +138,9 @@ def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
 
 
 def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -> tuple[dict, Config]:
-    """One optimizer step: sample, score, remember, advantages, GRPO update. Returns its metrics and the config
-    (an out-of-memory back-off may have lowered gen_batch or micro_batch); leaves its sample rows on the meter."""
-    timings: dict[str, float] = {}
-    peaks: dict[str, int] = {}
-    started = time.perf_counter()
+    """One optimizer step: sample, score, remember, advantages, GRPO update; its metrics and the config (an OOM
+    back-off may lower gen_batch or micro_batch); its sample rows left on the meter; faults.Abandoned on a stop."""
+    timings, peaks, started = {}, {}, time.perf_counter()  # seconds and peak bytes by phase
     model, device = parts.model, parts.device
     batch = tasks.examples_for_step(train, step, cfg.prompts_per_step, cfg.seed)
     rendered = prompts.render(batch, parts.tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
@@ -148,7 +149,8 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
         rollouts, cfg = faults.with_oom_backoff(lambda c: policy.generate(
             model, parts.tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
             gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
-            min_new_tokens=c.min_new_tokens, decode_mode=c.decode), cfg, "gen_batch", log)
+            min_new_tokens=c.min_new_tokens, decode_mode=c.decode,
+            on_batch=faults.at_boundary(parts.stops, log, step, "generating")), cfg, "gen_batch", log)
     with meter.phase(timings, peaks, "score", device):
         scored = score(cfg, rollouts)
     memory_stats = {}
@@ -161,8 +163,9 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
         batch = grpo.train_batch(rollouts, adv)
-        (loss, kl), cfg = faults.with_oom_backoff(
-            lambda c: accumulate(model, parts.optimizer, batch, c, device, parts.scaler), cfg, "micro_batch", log)
+        exact = parts.memory is None  # with a memory, this step's writes are done: a stop waits for the step's end
+        (loss, kl), cfg = faults.with_oom_backoff(lambda c: accumulate(model, parts.optimizer, batch, c, device,
+            parts.scaler, faults.at_boundary(parts.stops, log, step, "training", exact)), cfg, "micro_batch", log)
         result = update(parts.optimizer, parts.scaler, cfg.max_grad_norm, loss, kl)
     timings["step"] = time.perf_counter() - started
     if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
@@ -215,10 +218,8 @@ def score(cfg: Config, rollouts: Rollouts) -> Scored:
 
 
 def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict]:
-    """Memory-R+ for the whole step: one batched encode (questions + reasoning spans), one batched write/read.
-
-    Each completion is stored and recalled under its own question. Adds the weighted exploit/explore rewards.
-    """
+    """Memory-R+ for the whole step: one batched encode (questions + reasoning spans), one batched write/read; each
+    completion stored and recalled under its own question. Adds the weighted exploit/explore rewards."""
     g = rollouts.group_size
     questions = [ex.question for ex in rollouts.prompts.examples]  # P
     started = time.perf_counter()
@@ -238,20 +239,16 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
 
 
 def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None) -> StepResult:
-    """Loss and backward over micro-batches (gradient accumulation), then clip and step.
-
-    Each micro-batch is trimmed to its own longest prompt and completion, so padding costs nothing. Log-probs are
-    taken at the sampling temperature (score_at_temperature). With fp16 compute, `scaler` scales the loss before
-    backward and unscales the gradients before clipping. A non-finite loss or gradient norm skips the optimizer
-    step; the scaler then lowers its scale.
-    """
+    """Loss and backward over micro-batches (`accumulate`: each trimmed to its longest prompt and completion, log-probs
+    at the sampling temperature, fp16 loss scaled), then clip and step unless non-finite (`update`)."""
     loss, kl = accumulate(model, optimizer, batch, cfg, device, scaler)
     return update(optimizer, scaler, cfg.max_grad_norm, loss, kl)
 
 
-def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None) -> tuple[float, float]:
+def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None, on_micro=None
+               ) -> tuple[float, float]:
     """Zero the gradients, then forward and backward every micro-batch: (summed loss, mean KL per completion).
-    What an out-of-memory retry repeats: nothing here touches the weights or the optimizer's state."""
+    An out-of-memory retry repeats it: it changes no weight or optimizer state. `on_micro(done, total)` after each."""
     n = batch.input_ids.shape[0]
     losses, kls = [], []
     temperature = cfg.temperature if cfg.score_at_temperature else 1.0
@@ -278,6 +275,8 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
         (scaler.scale(loss) if scaler else loss).backward()
         losses.append(loss.detach())
         kls.append(kl)
+        if on_micro is not None:
+            on_micro(min(s + cfg.micro_batch, n), n)
     return float(torch.stack(losses).sum()), float(torch.cat(kls).mean())
 
 

@@ -196,6 +196,9 @@ def step_line(m: dict, total: int) -> str:
             f"train {human_bytes(m['mem/train'])}")
 
 
+WITHIN_EVERY = 30.0  # seconds between two progress lines inside a step, off a terminal
+
+
 class Meter:
     """Writes metrics.jsonl / samples.jsonl in the run folder and shows progress (a bar on a terminal)."""
 
@@ -210,6 +213,7 @@ class Meter:
         self.oom_backoffs = oom_backoffs  # times an out-of-memory error halved gen_batch or micro_batch in this run
         self.pending_samples: list[dict] = []  # the last step's sample rows, written when it is a sampling step
         self.quiet = quiet
+        self.last_within = time.monotonic()  # the last progress line inside a step (`within`)
         self.progress = None
         if sys.stderr.isatty() and not quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -238,6 +242,17 @@ class Meter:
     def samples(self, step: int, rows: list[dict]) -> None:
         for row in rows:
             _append_jsonl(os.path.join(self.out, "samples.jsonl"), {"step": step, **row})
+
+    def within(self, step: int, phase: str, done: int, total: int) -> None:
+        """Progress inside step `step` (1-based): `done` of `total` sequences through `phase`. On a terminal the
+        bar says it; elsewhere (a log, a notebook) a line at most every WITHIN_EVERY seconds, so a long CPU step
+        is not silent for minutes and a fast one adds nothing."""
+        text = f"step {step}/{self.total}: {phase} {done}/{total}"
+        if self.progress:
+            self.progress.update(self.task, stats=text)
+        elif not self.quiet and time.monotonic() - self.last_within >= WITHIN_EVERY and done < total:
+            self.last_within = time.monotonic()
+            print(f"  {text}", flush=True)
 
     def echo(self, line: str) -> None:
         if self.quiet:

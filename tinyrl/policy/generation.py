@@ -112,12 +112,13 @@ def _laid_out_layer_class():
 @torch.no_grad()
 def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new_tokens: int, gen_batch: int,
              temperature: float = 0.9, top_p: float = 1.0, min_new_tokens: int = 0, greedy: bool = False,
-             share_prefill: bool = True, decode_mode: str = "auto") -> Rollouts:
+             share_prefill: bool = True, decode_mode: str = "auto", on_batch=None) -> Rollouts:
     """Sample G completions per prompt, gen_batch sequences at a time, with the KV cache. With share_prefill
     each prompt of a batch is prefilled once for all its completions in that batch (`shared_prefill`),
     then `decode` samples from the policy itself, its LoRA layers run as lean closures (`lean_lora`); on CUDA each
     decoding step is one replayed CUDA graph (`decoding`, decode_mode "auto"), with the same tokens.
-    The uniforms each batch samples with are drawn before its first step, whichever way it decodes."""
+    The uniforms each batch samples with are drawn before its first step, whichever way it decodes.
+    `on_batch(done, total)`, if given, is called after each batch (progress, and where a stop request may land)."""
     device = next(model.parameters()).device
     mode = decoding.mode_for(decode_mode, device)
     eos = eos_ids(model, tokenizer)
@@ -145,6 +146,8 @@ def generate(model, tokenizer, prompts: PromptBatch, *, group_size: int, max_new
                 new = decode(model, ids[rows], mask[rows], cache, **settings)  # [b, Tc']
             del cache  # this batch's full KV cache: free it before the next batch's prefill
             chunks.append(torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad))
+            if on_batch is not None:
+                on_batch(min(s + gen_batch, ids.shape[0]), ids.shape[0])
     if mode == "graph":  # the last batch's graph pool, before training (each capture empties the cache before it)
         torch.cuda.empty_cache()
     completion_ids = torch.cat(chunks).cpu()  # [P*G, Tc]
