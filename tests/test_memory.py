@@ -500,7 +500,11 @@ def test_base_plus_delta_matches_one_index_and_exact_search(tmp_path):
 
 @pytest.mark.parametrize("module", ["memory", "encoder", "hub"])
 def test_stage_imports_only_types_and_errors(module):  # and hub, a leaf on the standard library
-    tree = ast.parse((Path(__file__).parents[1] / "tinyrl" / f"{module}.py").read_text())
-    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert {m for m in names if m.startswith("tinyrl")} <= {"tinyrl.types", "tinyrl.errors", "tinyrl.hub"}
+    stage = Path(__file__).parents[1] / "tinyrl" / module  # a package (its files may import each other) or a file
+    for path in sorted(stage.glob("*.py")) if stage.is_dir() else [stage.with_suffix(".py")]:
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(n.level for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)), path  # absolute only
+        names = {m for m in names if m.startswith("tinyrl") and not m.startswith(f"tinyrl.{module}.")}
+        assert names <= {"tinyrl.types", "tinyrl.errors", "tinyrl.hub"}, path

@@ -11,7 +11,7 @@ import tinyrl
 PKG = os.path.dirname(tinyrl.__file__)
 SHARED = {"types", "config", "errors", "hub", "decoding"}  # decoding: policy's static decoding step, also a leaf
 WIRING = {"loop", "evaluate", "cli", "trl", "__init__", "__main__"}
-PACKAGES = {"budget", "policy"}  # stages split into files
+PACKAGES = {"budget", "policy", "memory"}  # stages split into files
 
 
 def module_name(path):

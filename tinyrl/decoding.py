@@ -1,6 +1,6 @@
-"""Shape-static decoding (a leaf of policy.py: imports no other tinyrl module): a decoding step whose tensors keep
-one shape and one address from token to token, so that on CUDA it is captured once as a CUDA graph and replayed
-per token (`decode_static(..., graphs=True)`).
+"""Shape-static decoding (a leaf that tinyrl/policy/generation.py drives: imports no other tinyrl module): a decoding
+step whose tensors keep one shape and one address from token to token, so that on CUDA it is captured once as a
+CUDA graph and replayed per token (`decode_static(..., graphs=True)`).
 
 Eager decoding (policy.decode) issues every kernel of every layer from Python, token after token: for a 0.5B model
 thousands of launches per token, and a 200-token rollout is bound by them rather than by the GPU (issue #15: 1,811
