@@ -56,20 +56,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", default=OUT)
+    parser.add_argument("--quants", nargs="+", default=None, help="none and/or 4bit (default: both where "
+                                                                  "bitsandbytes is installed)")
+    parser.add_argument("--smoke", action="store_true", help="2 small steps: checks the script runs (CPU tests)")
     args = parser.parse_args()
+    steps, size = (2, dict(prompts_per_step=2, group_size=2, max_new_tokens=8)) if args.smoke else (
+        STEPS, dict(prompts_per_step=4, group_size=8, max_new_tokens=64))
     results = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU smoke test)",
                "torch": torch.__version__, "transformers": transformers.__version__, "commit": hardware.commit(),
                "date": time.strftime("%Y-%m-%d"),
-               "config": f"toy, P=4 G=8, 64 new tokens, lr 1e-4, {STEPS} steps, dtype=fp16", "runs": {}}
-    quants = ["none"] + (["4bit"] if importlib.util.find_spec("bitsandbytes") else [])
+               "config": f"toy, P={size['prompts_per_step']} G={size['group_size']}, {size['max_new_tokens']} new "
+                         f"tokens, lr 1e-4, {steps} steps, dtype=fp16", "runs": {}}
+    quants = args.quants or ["none"] + (["4bit"] if importlib.util.find_spec("bitsandbytes") else [])
     for quant in quants:
         out = tempfile.mkdtemp(prefix=f"tinyrl-fp16-{quant}-")
-        cfg = Config(task="toy", model=args.model, out=os.path.join(out, "run"), steps=STEPS, prompts_per_step=4,
-                     group_size=8, max_new_tokens=64, lr=1e-4, dtype="fp16", quant=quant, save_every=STEPS)
+        cfg = Config(task="toy", model=args.model, out=os.path.join(out, "run"), steps=steps, lr=1e-4, dtype="fp16",
+                     quant=quant, save_every=steps, **size)
         run = loop.fit(cfg)
         with open(os.path.join(run, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        weights = load_file(os.path.join(run, "checkpoints", f"step-{STEPS:06d}", "adapter_model.safetensors"))
+        weights = load_file(os.path.join(run, "checkpoints", f"step-{steps:06d}", "adapter_model.safetensors"))
         results["runs"][quant] = {
             **judge(rows, weights), "lora_dtypes": sorted({str(v.dtype) for v in weights.values()}),
             **{key: [r[key] for r in rows] for key in ("loss", "grad_norm", "amp/scale", "amp/skipped",

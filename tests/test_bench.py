@@ -212,7 +212,8 @@ def test_fp16_gpu_runs_on_cpu_without_git_and_records_each_run(tmp_path, tiny_mo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.path.dirname(sys.executable)}
     env.pop("TINYRL_COMMIT", None)
     done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "fp16_gpu.py"), "--model", tiny_model,
-                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                           "--out", str(out), "--quants", "none", "--smoke"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["commit"] == "unknown" and result["runs"]["none"]["ok"], result
