@@ -16,6 +16,15 @@ short in training resumes from its newest checkpoint (fit's own resume). bench/r
 rebuilt from those files after every stage, with the summary this prints at the end; the plots go to
 bench/results/learn_grid_cpu/. Run folders: bench/runs/learn-grid/ (gitignored), e.g. easy-memory-r+-s0.
 
+Persistence: the run folders stay on the machine that made them; the committed aggregate is the record of finished
+work. Each of its run and base entries holds the settings that made it (`fingerprint`). A run (or base-DIFFICULTY)
+without a folder that the aggregate holds finished, made with the same settings, is not computed again (no
+training, no evaluation, no model loaded): its entry is carried over unchanged, and `carried_over` names the
+command whose run folder it was last built from. A run with a folder is built from its folder, as ever; a run
+without a folder that the aggregate holds only partly done starts over from scratch (its checkpoints are gone),
+and says so. Every finished entry of the file is kept, listed by this invocation or not (--methods r1 keeps the
+memory-r+ runs). So commit the aggregate before a session stops: a run cut short whose folder is lost starts over.
+
     OMP_NUM_THREADS=1 python bench/learn.py --grid --set threads=1 --shared-cpu   # all of it, hours a run
     python bench/learn.py --grid --methods r1 memory-r+ --seeds 0 --difficulties hard
     python bench/learn.py --grid --smoke --root /tmp/grid --out /tmp/grid.json    # the tiny random model
@@ -68,6 +77,8 @@ class Grid:
     command: str
     commit: str  # of the code this process runs (read once: another commit may land while it runs)
     started: float
+    carried: dict[str, dict] = dataclasses.field(default_factory=dict)  # folder name -> the aggregate's finished
+    # entry, for the runs and bases without a folder that this invocation does not compute again (see `plan`)
 
 
 def order(methods: list[str], seeds: list[int], difficulties: list[str]) -> list[tuple[str, str, int]]:
@@ -96,9 +107,81 @@ def setup(args, argv: list[str]) -> Grid:
     configs = {d: config_mod.apply_overrides(Config(**{**base, **DIFFICULTIES[d]}), args.sets) for d in difficulties}
     methods = args.methods or (list(FIRST) if args.smoke else list(METHODS))
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
-    return Grid(root, os.path.abspath(args.out or OUT), configs, order(methods, seeds, difficulties), limit, long,
+    grid = Grid(root, os.path.abspath(args.out or OUT), configs, order(methods, seeds, difficulties), limit, long,
                 diversity, args.shared_cpu, shlex.join(["python", "bench/learn.py", *argv]), learn.commit(),
                 time.perf_counter())
+    plan(grid)
+    return grid
+
+
+def listed(grid: Grid) -> list[tuple[str, str, str, Config, dict]]:
+    """What this invocation computes: (kind "base" or "run", folder name, difficulty, settings, fingerprint), the
+    bases first."""
+    bases = [("base", f"base-{d}", d, c, fingerprint(grid, c)) for d, c in grid.configs.items()]
+    runs = [("run", d, run_config(grid, d, m, s)) for d, m, s in grid.runs]
+    return bases + [(kind, os.path.basename(c.out), d, c, fingerprint(grid, c)) for kind, d, c in runs]
+
+
+def recorded(aggregate: dict, kind: str, name: str) -> dict | None:
+    """The entry of run (or base) `name` in an aggregate file's contents, if any."""
+    if kind == "base":
+        return (aggregate.get("base") or {}).get(name.removeprefix("base-"))
+    return (aggregate.get("runs") or {}).get(name)
+
+
+def plan(grid: Grid) -> None:
+    """Fill grid.carried from the aggregate file: every listed run or base without a folder that the file holds
+    finished, with this grid's fingerprint. Prints a line for each run without a folder that the file holds: carried
+    over, or computed again (partly done: its checkpoints are gone; or made with other settings)."""
+    old = read_aggregate(grid.out)
+    for kind, name, _, cfg, fp in listed(grid):
+        entry = recorded(old, kind, name)
+        if not entry or os.path.exists(os.path.join(grid.root, name)):
+            continue  # nothing recorded, or its folder exists: as ever
+        made = entry.get("fingerprint") or {}
+        if made == fp and finished(entry, kind, old, cfg, grid.long):
+            grid.carried[name] = entry
+            print(f"{name}: finished in {grid.out}, same settings, no folder: carried over, not computed again",
+                  flush=True)
+        elif finished(entry, kind, old):
+            differ = sorted(k for k in set(fp) | set(made) if fp.get(k) != made.get(k))
+            why = ", ".join(differ) if made else "none recorded"
+            print(f"{name}: finished in {grid.out} with other settings ({why or 'steps or checkpoints'}), no folder: "
+                  "computing it again", flush=True)
+        else:
+            print(f"{name}: only partly done in {grid.out} and its folder {os.path.join(grid.root, name)} is gone (its "
+                  "checkpoints with it): starting it over from scratch", flush=True)
+
+
+def finished(entry: dict | None, kind: str, aggregate: dict, cfg: Config | None = None,
+             long: int | None = None) -> bool:
+    """Whether an aggregate entry of a run (kind "run") or a base ("base") holds every stage: the ones `cfg` and
+    `long` ask for when given (the steps, checkpoints and budgets this invocation would compute), else the ones it
+    was made with (its fingerprint's budgets; `aggregate`'s, the file it is from, for an entry without one)."""
+    if not entry or entry.get("diversity") is None:
+        return False
+    if cfg is not None:
+        budgets = [cfg.max_new_tokens, long]
+    elif entry.get("fingerprint"):
+        budgets = [entry["fingerprint"]["max_new_tokens"], entry["fingerprint"]["eval"]["long"]]
+    else:  # written before the entries held their fingerprint
+        budgets = (aggregate.get("held_out") or {}).get("budgets") or []
+    budgets = [str(b) for b in budgets]
+    if not budgets:
+        return False
+    if kind == "base":
+        return all(entry.get(b) is not None for b in budgets)
+    if not all((entry.get(slot) or {}).get(b) is not None for slot in ("last", "best") for b in budgets):
+        return False
+    if cfg is None:
+        return entry.get("steps_done") is not None
+    return entry.get("steps_done") == cfg.steps and set(entry.get("curve") or {}) == set(
+        map(str, checkpoint_steps(cfg)))
+
+
+def carried(grid: Grid, name: str) -> bool:
+    """Whether this invocation skips run (or base) `name`: finished in the aggregate, and still no folder."""
+    return name in grid.carried and not os.path.exists(os.path.join(grid.root, name))
 
 
 def main(args, argv: list[str]) -> None:
@@ -141,6 +224,8 @@ def checkpoint_steps(cfg: Config) -> list[int]:
 
 def base(grid: Grid, difficulty: str) -> None:
     """The base model of a difficulty: held-out accuracy at both budgets, and its diversity."""
+    if carried(grid, f"base-{difficulty}"):
+        return
     cfg = eval_config(grid.configs[difficulty])
     folder = os.path.join(grid.root, f"base-{difficulty}")
     result = open_result(folder, fingerprint(grid, grid.configs[difficulty]))
@@ -160,6 +245,8 @@ def run(grid: Grid, difficulty: str, method: str, seed: int) -> None:
     one, the last one's diversity. The base of the difficulty comes between training and evaluation, so a fresh
     grid shows training steps within minutes."""
     cfg = run_config(grid, difficulty, method, seed)
+    if carried(grid, os.path.basename(cfg.out)):
+        return
     result = open_result(cfg.out, fingerprint(grid, cfg))
     examples = tasks.for_run(eval_config(cfg), "test", grid.limit)
     stage(grid, cfg.out, result, "train", lambda: train(cfg, examples))
@@ -340,8 +427,51 @@ def read_result(folder: str) -> dict:
         return json.load(f)
 
 
+def read_aggregate(path: str) -> dict:
+    """The aggregate file as it stands ({} if there is none)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"{path} is not valid JSON ({e}): restore it (git checkout) or move it away; the grid "
+                         "would otherwise overwrite the finished runs it records") from e
+
+
 def write_aggregate(grid: Grid) -> dict:
-    """bench/results/learn_grid_cpu.json from every folder's result.json; returns what it wrote."""
+    """bench/results/learn_grid_cpu.json rebuilt: the listed runs and bases from their folders' result.json, and
+    every entry of the file as it stands that no folder of this invocation replaces, if finished (or its folder
+    exists: in progress here, listed by another invocation); atomically. Returns what it wrote."""
+    old = read_aggregate(grid.out)
+    base, runs, kept = {}, {}, set()  # kept: the names of the entries carried over unchanged
+    for kind, name, difficulty, cfg, fp in listed(grid):
+        folder = os.path.join(grid.root, name)
+        if os.path.exists(folder):  # a folder always wins
+            entry = (base_entry(read_result(folder), fp) if kind == "base" else
+                     run_entry(cfg, difficulty, read_result(folder), grid.long, fp))
+        elif (entry := keep(old, kind, name, grid, listed=True)) is not None:
+            kept.add(name)
+        elif kind == "base":
+            entry = base_entry({}, fp)  # not evaluated yet
+        if kind == "base":
+            base[difficulty] = entry
+        elif entry is not None:
+            runs[name] = entry
+    unlisted = [("base", f"base-{d}") for d in old.get("base") or {} if d not in base]
+    for kind, name in unlisted + [("run", name) for name in old.get("runs") or {} if name not in runs]:
+        if (entry := keep(old, kind, name, grid, listed=False)) is not None:
+            kept.add(name)
+            if kind == "base":
+                base[name.removeprefix("base-")] = entry
+            else:
+                runs[name] = entry
+    runs = dict(sorted(runs.items(), key=lambda kv: canonical(kv[1])))
+    settings = {d: {k: v for k, v in dataclasses.asdict(c).items() if k not in ("method", "seed", "out")}
+                for d, c in grid.configs.items()}
+    for d in sorted({*base, *(r["difficulty"] for r in runs.values())} - set(settings)):
+        if d in (old.get("settings") or {}):
+            settings[d] = old["settings"][d]
     results = {"date": time.strftime("%Y-%m-%d"), "commit": grid.commit, "command": grid.command,
                "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "gpu": learn.gpu_name(), "torch": torch.__version__,
@@ -350,18 +480,32 @@ def write_aggregate(grid: Grid) -> dict:
                "held_out": {"limit": grid.limit, "split": f"the first {grid.limit} test problems under seed "
                             f"{EVAL_SEED}, few-shot picks under seed {EVAL_SEED}", "budgets": [short(grid), grid.long],
                             "diversity": grid.diversity},
-               "settings": {d: {k: v for k, v in dataclasses.asdict(c).items() if k not in ("method", "seed", "out")}
-                            for d, c in grid.configs.items()},
-               "base": {d: base_entry(read_result(os.path.join(grid.root, f"base-{d}"))) for d in grid.configs},
-               "runs": {}}
-    for d, m, s in grid.runs:
-        cfg = run_config(grid, d, m, s)
-        if os.path.exists(cfg.out):
-            results["runs"][os.path.basename(cfg.out)] = run_entry(cfg, d, read_result(cfg.out), grid.long)
+               "settings": settings, "base": base, "runs": runs,
+               "carried_over": {name: (old.get("carried_over") or {}).get(name, old.get("command"))
+                                for name in sorted(kept)}}
     results["summary"] = summarize(results)
-    results["plots"] = plot_paths(grid)
+    results["plots"] = plot_paths(grid, list(settings))
     learn.write(results, grid.out)
     return results
+
+
+def keep(old: dict, kind: str, name: str, grid: Grid, listed: bool) -> dict | None:
+    """The entry of run (or base) `name` in the aggregate as it stands, to carry over unchanged when no folder of
+    this invocation rebuilds it: if finished (a listed one with other settings too, until its new folder
+    replaces it), or, unlisted, while its folder exists (in progress here under another invocation). None: drop it
+    (nothing recorded, or only partly done with its folder gone: it starts over)."""
+    entry = recorded(old, kind, name)
+    if entry is None:
+        return None
+    if finished(entry, kind, old) or (not listed and os.path.exists(os.path.join(grid.root, name))):
+        return entry
+    return None
+
+
+def canonical(run: dict) -> tuple:
+    """Where a run's entry goes in the aggregate: the order of work of the whole grid (`order`)."""
+    return (run["method"] not in FIRST, run["seed"], list(DIFFICULTIES).index(run["difficulty"]),
+            METHODS.index(run["method"]))
 
 
 def short(grid: Grid) -> int:
@@ -369,13 +513,15 @@ def short(grid: Grid) -> int:
     return next(iter(grid.configs.values())).max_new_tokens
 
 
-def base_entry(result: dict) -> dict:
+def base_entry(result: dict, fp: dict) -> dict:
+    """A base in the aggregate: its evaluations by budget, its diversity, and the settings that made them."""
     evals = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval/")}
-    return {**evals, "diversity": result.get("diversity")}
+    return {**evals, "diversity": result.get("diversity"), "fingerprint": fp}
 
 
-def run_entry(cfg: Config, difficulty: str, result: dict, long: int) -> dict:
-    """One run in the aggregate: what result.json holds so far, the collapse warnings and per-step metrics."""
+def run_entry(cfg: Config, difficulty: str, result: dict, long: int, fp: dict) -> dict:
+    """One run in the aggregate: what result.json holds so far, the collapse warnings and per-step metrics, and
+    the settings that made them (`fingerprint`, as its result.json's)."""
     rows = meter.read_jsonl(os.path.join(cfg.out, "metrics.jsonl"))
     trained = result.get("train", {})
     curve = {s: result[f"eval/{cfg.max_new_tokens}/{s}"] for s in checkpoint_steps(cfg)
@@ -389,7 +535,8 @@ def run_entry(cfg: Config, difficulty: str, result: dict, long: int) -> dict:
         for name, step in (("last", last), ("best", best)):
             entry[name] = {"step": step, **{str(b): result.get(f"eval/{b}/{step}")
                                            for b in (cfg.max_new_tokens, long)}}
-    return {**entry, "diversity": result.get("diversity"), "warnings": learn.warnings_tripped(rows), "metrics": rows}
+    return {**entry, "diversity": result.get("diversity"), "warnings": learn.warnings_tripped(rows), "metrics": rows,
+            "fingerprint": fp}
 
 
 METRICS = ("extractive_match", "exact_match")
@@ -488,12 +635,12 @@ def cell(name: str, value: dict) -> str:
     return text
 
 
-def plot_paths(grid: Grid) -> list[str]:
+def plot_paths(grid: Grid, difficulties: list[str]) -> list[str]:
     """The curve plots, one per difficulty, beside the aggregate file (named relative to bench/, as learn.py's)."""
     if not plots.available():
         return []
     folder = os.path.splitext(grid.out)[0]
-    return [os.path.relpath(os.path.join(folder, f"curves-{d}.png"), learn.HERE) for d in grid.configs]
+    return [os.path.relpath(os.path.join(folder, f"curves-{d}.png"), learn.HERE) for d in difficulties]
 
 
 def plot(grid: Grid, results: dict) -> None:
@@ -506,8 +653,8 @@ def plot(grid: Grid, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budget = str(short(grid))
-    for d, path in zip(grid.configs, plot_paths(grid)):
+    for d, path in zip(results["settings"], plot_paths(grid, list(results["settings"]))):
+        budget = str(results["settings"][d]["max_new_tokens"])  # the training budget of the difficulty's runs
         base = (results["base"].get(d) or {}).get(budget)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
         for ax, metric in zip(axes.flat, METRICS):

@@ -4,6 +4,8 @@ hardware), and its resumable --grid; bench/profile_gpu.py and bench/vs_trl.py in
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -65,10 +67,13 @@ def grid_modules():
     return learn, learn_grid
 
 
-def test_learn_grid_smoke_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
+def test_learn_grid_smoke_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch, capsys):
     """--grid --smoke (2 methods x 1 seed x 1 difficulty on the tiny model) stores every stage; the same command
     again trains, evaluates and samples nothing and writes the same aggregate; a stage removed from a run's
-    result.json is the only one computed again."""
+    result.json is the only one computed again. The aggregate is the record of finished work: a subset invocation
+    keeps the other runs' entries; without the run folders (a fresh clone) nothing finished is computed again and
+    every entry is carried over unchanged; a finished run made with other settings, or one only partly done with
+    its folder gone, is computed again from scratch."""
     out, root = tmp_path / "grid.json", tmp_path / "root"
     argv = ["--grid", "--smoke", "--root", str(root), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TINYRL_CACHE": str(tmp_path / "cache")}
@@ -76,7 +81,8 @@ def test_learn_grid_smoke_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
                           text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads(out.read_text())
-    assert set(first["base"]["easy"]) == {"8", "16", "diversity"} and first["held_out"]["budgets"] == [8, 16]
+    assert set(first["base"]["easy"]) == {"8", "16", "diversity", "fingerprint"}
+    assert first["held_out"]["budgets"] == [8, 16] and first["carried_over"] == {}
     assert set(first["runs"]) == {"easy-r1-s0", "easy-memory-r+-s0"}
     for name, run in first["runs"].items():
         assert run["steps_done"] == 2 and len(run["metrics"]) == 2 and run["shared_cpu"] is False, name
@@ -84,6 +90,7 @@ def test_learn_grid_smoke_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
         assert {run["last"]["16"]["n"], run["best"]["16"]["n"]} == {4}
         assert {"distinct_1", "distinct_2", "distinct_3", "semantic"} <= set(run["diversity"])
         assert run["diversity"]["questions"] == 2 and run["diversity"]["samples"] == 3
+        assert run["fingerprint"] == json.loads((root / name / "result.json").read_text())["settings"]
     paired = first["summary"]["easy"]["memory-r+"]["last@8"]["extractive_match"]["vs_r1"]
     assert set(paired) == {"0"} and "easy-memory-r+" in done.stdout.split("easy: held-out")[0]
     results = {p: p.read_text() for p in root.glob("*/result.json")}
@@ -116,6 +123,63 @@ def test_learn_grid_smoke_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
     assert calls == [str(root / "easy-memory-r+-s0" / "diversity.jsonl")]
     assert set(json.loads(out.read_text())["runs"]["easy-memory-r+-s0"]["diversity"]) == \
         set(first["runs"]["easy-memory-r+-s0"]["diversity"])
+
+    def refusing():
+        monkeypatch.undo()
+        monkeypatch.setenv("TINYRL_CACHE", str(tmp_path / "cache"))
+        for name in ("train", "held_out", "sample_diversity"):
+            monkeypatch.setattr(learn_grid, name, refuse)
+        monkeypatch.setattr(learn_grid.evaluate, "load", refuse)
+
+    def entries(results: dict) -> dict:
+        return {k: results[k] for k in ("base", "runs", "summary", "settings", "held_out")}
+
+    # a subset invocation keeps the runs it does not list (folders here)
+    before, full = json.loads(out.read_text()), shlex.join(["python", "bench/learn.py", *argv])
+    refusing()
+    learn.main([*argv, "--methods", "r1"])
+    subset = json.loads(out.read_text())
+    assert entries(subset) == entries(before) and subset["carried_over"] == {"easy-memory-r+-s0": full}
+
+    # a fresh clone: the aggregate is committed, the run folders are not; the aggregate's finished runs and base are
+    # carried over unchanged (no training, no evaluation, no model loaded, no run folder made)
+    shutil.rmtree(root)
+    capsys.readouterr()
+    learn.main(argv)
+    fresh = json.loads(out.read_text())
+    assert entries(fresh) == entries(before) and sorted(os.listdir(root)) == ["tiny-model"]
+    assert fresh["carried_over"] == {"base-easy": subset["command"], "easy-r1-s0": subset["command"],
+                                     "easy-memory-r+-s0": full}  # which command's folders each was built from
+    assert capsys.readouterr().out.count("carried over, not computed again") == 3
+    learn.main([*argv, "--methods", "memory-r+"])  # and a subset of it keeps the others
+    assert entries(json.loads(out.read_text())) == entries(before)
+    assert json.loads(out.read_text())["carried_over"] == fresh["carried_over"]
+
+    class Started(Exception):
+        pass
+
+    def started(cfg, held_out_examples):
+        assert not os.path.exists(os.path.join(cfg.out, "checkpoints"))  # from scratch
+        raise Started(os.path.basename(cfg.out))
+
+    # made with other settings: computed again
+    monkeypatch.setattr(learn_grid, "train", started)
+    capsys.readouterr()
+    with pytest.raises(Started, match="easy-r1-s0"):
+        learn.main([*argv, "--set", "lr=0.001"])
+    assert f"easy-r1-s0: finished in {out} with other settings (lr), no folder: computing it again" in \
+        capsys.readouterr().out
+    shutil.rmtree(root / "easy-r1-s0")  # made for the training that `started` stopped
+
+    # only partly done in the aggregate, its folder gone: starts over from scratch, and says so
+    partial = json.loads(out.read_text())
+    partial["runs"]["easy-memory-r+-s0"]["diversity"] = None
+    out.write_text(json.dumps(partial))
+    with pytest.raises(Started, match="easy-memory-r\\+-s0"):
+        learn.main([*argv, "--methods", "memory-r+"])
+    printed = capsys.readouterr().out
+    assert "easy-memory-r+-s0: only partly done" in printed and "starting it over from scratch" in printed
+    assert "base-easy: finished in" in printed  # the base is still carried over
 
 
 def test_grid_diversity_and_summary_by_hand():
