@@ -1,6 +1,6 @@
 """Stage modules talk through tinyrl.types / config / errors / hub (a leaf: is the hub reachable) only; loop.py
 (training), evaluate.py (evaluation), trl.py (the TRL reward functions) and the CLI wire them. A stage may be a
-package (tinyrl/budget/, tinyrl/policy/, tinyrl/memory/): its files import each other and the shared modules, never
+package (tinyrl/budget/, tinyrl/policy/, tinyrl/memory/, tinyrl/rewards/): its files import each other and the shared modules, never
 another stage. No two modules import each other, directly or round a longer cycle."""
 
 import ast
@@ -11,7 +11,7 @@ import tinyrl
 PKG = os.path.dirname(tinyrl.__file__)
 SHARED = {"types", "config", "errors", "hub", "decoding"}  # decoding: policy's static decoding step, also a leaf
 WIRING = {"loop", "evaluate", "cli", "trl", "__init__", "__main__"}
-PACKAGES = {"budget", "policy", "memory"}  # stages split into files
+PACKAGES = {"budget", "policy", "memory", "rewards"}  # stages split into files
 
 
 def module_name(path):

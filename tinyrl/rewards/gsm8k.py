@@ -1,6 +1,6 @@
-"""Task rewards: plain functions `(completions, answers=None, **kw) -> list[float]`, the TRL reward contract.
+"""GSM8K task rewards: plain functions `(completions, answers=None, **kw) -> list[float]`, the TRL reward contract.
 
-The GSM8K components are those of the Memory-R reference code (docs: memory-r-plus.md §4), quirks kept for
+The components are those of the Memory-R reference code (docs: memory-r-plus.md §4), quirks kept for
 reproduction (§9 item 12):
 
 - `soft_format` uses `re.match` without DOTALL, so it never fires on the multi-line layout the system prompt
@@ -13,8 +13,8 @@ reproduction (§9 item 12):
   `correctness_numeric`) compares after `normalize_number` instead. Say which one a result used.
 
 `cosine_length` is the length-aware baseline (§5), `extractive_match` the evaluation metric (§7: LightEval's
-extractive match, built on math-verify, reading the `<answer>` tag first), `digit_fraction` a toy reward for
-learning tests.
+extractive match, built on math-verify, reading the `<answer>` tag first; math-verify runs in verify.py's child
+process), `digit_fraction` a toy reward for learning tests.
 `task_rewards` returns every component of a method under its own name, for logging and summing.
 """
 
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 
 from tinyrl.errors import UserError
+from tinyrl.rewards.verify import check
 
 SOFT_FORMAT = r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"  # re.match, no DOTALL (reference quirk)
 STRICT_FORMAT = r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$"  # re.match, no DOTALL
@@ -191,35 +191,24 @@ def cosine_length(completions: list[str], correct: list[bool], max_len: int = 20
     return rewards
 
 
-def extractive_match(completions: list[str], answers: list[str] | None = None, **kw) -> list[float]:
-    """1.0 when math-verify finds the gold answer's value in the completion, else 0.0.
+def extractive_match(completions: list[str], answers: list[str] | None = None, gold_format: str = "expr",
+                     **kw) -> list[float]:
+    """1.0 when math-verify finds the gold answer's value in the completion, else 0.0 (`verify.check`).
 
     LightEval's GSM8K extractive match (`expr_gold_metric`, the paper's Table 1: the gold read as a plain
     expression, a completion as an expression or LaTeX with `\\boxed{}` first, numbers equal to 5 decimals),
     except that the `<answer>` tag's content is read first and the whole completion only when the tag holds nothing
     math-verify extracts: on the whole text its 'answer ...' anchor reads numbers after `</answer>`. Commas, '$',
-    units, '####', `\\boxed{}` and '18.0' for 18 all count. Its timeouts (5 s per parse and per comparison) use
-    SIGALRM, which only the main thread may set: elsewhere they are off.
+    units, '####', `\\boxed{}` and '18.0' for 18 all count. `gold_format="latex"` reads golds as the LaTeX content of
+    a `\\boxed{}` instead (MATH, AIME). math-verify runs in a child process with a 5 s limit per completion that
+    holds in any thread; a completion out of time scores 0.0 (`verify.timeouts()` counts them).
 
     >>> extractive_match(["The answer is 12. (She started with 5 apples.)", "<answer>$1,000</answer> 7"], ["12", "1000"])
     [1.0, 1.0]
     """
-    # imported here: sympy and math-verify's ANTLR LaTeX parser take ~0.5 s to load, and only evaluation needs them
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
     if answers is None or len(answers) != len(completions):
         raise ValueError("extractive_match needs one gold answer per completion")
-    gold_targets = (ExprExtractionConfig(),)
-    targets = (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0))
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    scores = []
-    for text, gold in zip(completions, answers):
-        found = parse(extract_answer(text), targets, parsing_timeout=timeout) if "<answer>" in text else []
-        found = found or parse(text, targets, parsing_timeout=timeout)
-        ok = verify(parse(gold, gold_targets, parsing_timeout=timeout), found, float_rounding=5,
-                    timeout_seconds=timeout)
-        scores.append(1.0 if ok else 0.0)
-    return scores
+    return [1.0 if ok else 0.0 for ok in check(completions, answers, gold_format)]
 
 
 def digit_fraction(completions: list[str], answers: list[str] | None = None, **kw) -> list[float]:
@@ -235,6 +224,15 @@ def digit_fraction(completions: list[str], answers: list[str] | None = None, **k
     return scores
 
 
+def require_method(method: str) -> None:
+    """A UserError, one line, unless `method` is one of METHODS.
+
+    >>> require_method("r1")
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+
+
 def task_rewards(
     completions: list[str], answers: list[str], method: str, numeric: bool = False, max_len: int = 200
 ) -> dict[str, list[float]]:
@@ -247,8 +245,7 @@ def task_rewards(
     >>> task_rewards([good], ["7"], "r1")
     {'xml_count': [0.5], 'soft_format': [0.0], 'strict_format': [0.5], 'integer': [0.5], 'correctness': [1.0]}
     """
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    require_method(method)
     flags = correct_flags(completions, answers, numeric)
     components = {
         "xml_count": xml_count(completions),
