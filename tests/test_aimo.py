@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tinyrl import rewards
+from tinyrl import prompts, rewards
 from tinyrl.errors import UserError
 
 
@@ -55,7 +55,7 @@ def test_aimo_rewards_components():
 
 
 def test_system_prompt_is_r1s():
-    assert rewards.AIMO_SYSTEM_PROMPT == (
+    assert prompts.AIMO_SYSTEM_PROMPT == (
         "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
         "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
         "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "

@@ -50,23 +50,26 @@ def test_jsonl_good_file_skips_blank_lines_and_keeps_second_marker_rule(tmp_path
 
 
 @pytest.mark.parametrize(
-    "bad_line, line_no, words",
+    "bad_line, where, words",
     [
-        ('{"question": "Q", "answer": ', 3, "not valid JSON"),
-        ('{"question": "Q"}', 3, "missing field 'answer'"),
-        ('{"answer": "#### 1"}', 3, "missing field 'question'"),
-        ('{"question": "Q", "answer": "no marker"}', 3, "'####'"),
-        ('{"question": "Q", "answer": 5}', 3, "not a string"),
-        ('["Q", "#### 1"]', 3, "expected an object"),
+        ('{"question": "Q", "answer": ', ":3: ", "not valid JSON"),
+        ('["Q", "#### 1"]', ":3: ", "expected an object"),
+        ('{"question": "Q"}', " row 2: ", "'answer' is missing or empty"),
+        ('{"answer": "#### 1"}', " row 2: ", "'question' is missing or empty"),
     ],
 )
-def test_jsonl_malformed_line_names_the_line(tmp_path, bad_line, line_no, words):
+def test_jsonl_malformed_line_names_the_line(tmp_path, bad_line, where, words):
     path = write_lines(tmp_path / "d.jsonl", [good(), good(), bad_line, good()])
     with pytest.raises(UserError) as err:
         tasks.load_gsm8k(str(path))
     message = str(err.value)
-    assert message.startswith(f"{path}:{line_no}: ")
+    assert message.startswith(f"{path}{where}")
     assert words in message and "\n" not in message
+
+
+def test_a_gold_without_a_marker_is_the_bare_value(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [good("Q", "18"), good("R", 5)])
+    assert [ex.answer for ex in tasks.load_gsm8k(str(path))] == ["18", "5"]
 
 
 def test_bad_paths_are_user_errors(tmp_path):
@@ -76,9 +79,9 @@ def test_bad_paths_are_user_errors(tmp_path):
         tasks.load_gsm8k(str(write_lines(tmp_path / "empty.jsonl", [])))
     with pytest.raises(UserError, match="no examples"):
         tasks.load_gsm8k(str(write_lines(tmp_path / "blank.jsonl", ["", "  "])))
-    with pytest.raises(UserError, match="jsonl or .parquet"):
-        tasks.load_gsm8k(str(write_lines(tmp_path / "d.csv", ["question,answer"])))
-    with pytest.raises(UserError, match="no test.jsonl"):
+    with pytest.raises(UserError, match=r"expected a \.jsonl, \.json, \.parquet, \.csv file"):
+        tasks.load_gsm8k(str(write_lines(tmp_path / "d.txt", ["question,answer"])))
+    with pytest.raises(UserError, match="no test file"):
         tasks.load_gsm8k(str(tmp_path), "test")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
     with pytest.raises(UserError, match="UTF-8"):
@@ -99,7 +102,7 @@ def test_parquet(tmp_path):
     pyarrow.parquet.write_table(table, path)
     assert [(ex.question, ex.answer) for ex in tasks.load_gsm8k(str(tmp_path))] == [("A", "1"), ("B", "2,000")]
     pyarrow.parquet.write_table(pyarrow.table({"question": ["A"]}), tmp_path / "test.parquet")
-    with pytest.raises(UserError, match=r"row 0: missing field 'answer'"):
+    with pytest.raises(UserError, match=r"test.parquet: no 'answer' or 'solution' column for the gold answer \(its columns: question\)"):
         tasks.load_gsm8k(str(tmp_path), "test")
 
 
@@ -107,20 +110,20 @@ def test_hub_failure_is_one_line_with_the_fix(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k'\non the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(tasks.hub, "offline", lambda: False)  # the hub answers, then the download fails
+    monkeypatch.setattr(tasks.rows.hub, "offline", lambda: False)  # the hub answers, then the download fails
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(UserError) as err:
         tasks.load_gsm8k(None, "train")
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("could not load openai/gsm8k from the Hugging Face hub (ConnectionError: ")
-    fix = "pass a local file with --data PATH (jsonl or parquet with 'question' and 'answer' fields)"
+    fix = "pass a local file with --data PATH (jsonl, json, parquet or csv)"
     assert message.endswith(fix)
 
 
 def test_hub_rows_become_examples(monkeypatch):
     rows = [{"question": "Q", "answer": "w #### 4"}]
-    monkeypatch.setattr(tasks.hub, "offline", lambda: False)
+    monkeypatch.setattr(tasks.rows.hub, "offline", lambda: False)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
     assert tasks.load_gsm8k(None, "test") == [Example(question="Q", answer="4", index=0)]
 
@@ -200,7 +203,7 @@ def test_load_task_user_errors():
     assert all(name in str(err.value) for name in ["gsm8k", "arith", "toy"])
     with pytest.raises(UserError, match="valid tasks"):
         tasks.reward_kind("math500")
-    with pytest.raises(UserError, match="gsm8k task only"):
+    with pytest.raises(UserError, match="does not apply to .arith., whose problems are generated"):
         tasks.load_task("arith", "some.jsonl", "train", seed=0, limit=None)
     with pytest.raises(UserError, match="unknown split"):
         tasks.load_task("toy", None, "validation", seed=0, limit=None)

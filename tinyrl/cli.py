@@ -77,10 +77,13 @@ def build_config(base: Config, flags: dict, pairs: list[str]) -> Config:
 
 
 DEFAULT = Config()
+TASK_HELP = "gsm8k, arith (offline synthetic), toy, ai-mo, or custom (your --data and --reward)"
+DATA_HELP = ("Your data: a jsonl/json/parquet/csv file, a folder with train.jsonl and test.jsonl, or a hub dataset "
+             "name. Rows: a prompt column, or question + answer columns (--set question_column / answer_column).")
 
 
 @app.command(epilog=FIT_EXAMPLES)
-def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) or toy"),
+def fit(task: str = typer.Argument(..., help=TASK_HELP),
         model: Optional[str] = typer.Option(None, help="Hub name, local folder, or smollm2-135m (offline). "
                                                        f"Default: {DEFAULT.model}."),
         method: Optional[str] = typer.Option(None, help=f"r1, cosine, memory-r, memory-r+. Default: "
@@ -88,7 +91,10 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
         steps: Optional[int] = typer.Option(None, help=f"Optimizer steps (0 = one epoch). Default: {DEFAULT.steps}."),
         out: Optional[str] = typer.Option(None, help=f"Run folder. Default: {DEFAULT.out}."),
         vram: Optional[str] = typer.Option(None, help="GPU memory budget, e.g. 8G: the planner picks settings."),
-        data: Optional[str] = typer.Option(None, help="Local GSM8K-format jsonl/parquet file or folder."),
+        data: Optional[str] = typer.Option(None, help=DATA_HELP),
+        reward: List[str] = typer.Option([], "--reward", help="Your reward function, path/to/file.py:function or "
+                                         "package.module:function (repeatable); TRL's contract: f(prompts, "
+                                         "completions, completion_ids, **columns) -> list of floats."),
         seed: Optional[int] = typer.Option(None, help="Random seed."),
         set_: List[str] = typer.Option([], "--set", help=SET_HELP),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved settings."),
@@ -96,8 +102,8 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
     """Train a policy with GRPO (+ Memory-R+) and checkpoint it; rerunning the same command resumes.
     SIGINT/SIGTERM stop it within seconds, at the next batch, with a checkpoint (a second one at once)."""
     flags = {"task": task, "model": model, "method": method, "steps": steps, "out": out, "vram": vram,
-             "data": data, "seed": seed}
-    base = Config()
+             "data": data, "seed": seed, "reward_funcs": ",".join(reward) or None}
+    base = config_mod.for_task(task)
     if resume:
         run = out or base.out
         saved = os.path.join(run, "config.json")
@@ -125,13 +131,15 @@ def fit(task: str = typer.Argument(..., help="gsm8k, arith (offline synthetic) o
 
 
 @app.command("eval", epilog=EVAL_EXAMPLES)
-def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
+def eval_(task: str = typer.Argument(..., help="gsm8k, arith, ai-mo, math-500, aime24, or custom (--data with a "
+                                                "gold answer column)"),
           model: Optional[str] = typer.Option(None, help="Base model (default: the adapter run's model, else "
                                                          f"{DEFAULT.model})."),
           adapter: Optional[str] = typer.Option(None, help="A run folder (its latest checkpoint) or checkpoint folder."),
           checkpoints: str = typer.Option("latest", help="latest, or all: every checkpoint of the run folder given "
                                                          "as --adapter, then the best and the last."),
-          data: Optional[str] = typer.Option(None, help="Local GSM8K-format test file or folder."),
+          data: Optional[str] = typer.Option(None, help="Test data instead of the task's: a jsonl/json/parquet/csv "
+                                                        "file, a folder with test.jsonl, or a hub dataset name."),
           limit: Optional[int] = typer.Option(None, help="Evaluate the first N examples."),
           out: Optional[str] = typer.Option(None, help="Per-example jsonl (default eval-<task>.jsonl in the run "
                                                          "folder, else in the current folder; with --checkpoints "
@@ -147,7 +155,7 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
     if tasks.reward_kind(task) == "toy":
         raise UserError("eval toy: the toy task has no answers to check (its reward is the share of digits); "
                         "`tinyrl report RUN` shows what a toy run learned")
-    base = Config()
+    base = fresh = config_mod.for_task(task)
     adapter_dir, results_dir = None, "."
     if adapter:
         adapter_dir = adapter
@@ -179,7 +187,7 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
         print(evaluate.report_checkpoints(evaluate.evaluate_checkpoints(cfg, results_dir, limit), results_dir, task))
         return
     out_path = out or os.path.join(results_dir, f"eval-{task}.jsonl")
-    whose = " (the run's; --set max_new_tokens=N to change)" if base != Config() else ""
+    whose = " (the run's; --set max_new_tokens=N to change)" if base != fresh else ""
     print(f"eval {task}: greedy, max_new_tokens {cfg.max_new_tokens}{whose}", flush=True)
     result = evaluate.evaluate(cfg, adapter_dir, limit, out_path)
     print(f"eval {task}: exact_match {result['exact_match']:.4f}  extractive_match {result['extractive_match']:.4f}"
@@ -187,7 +195,7 @@ def eval_(task: str = typer.Argument(..., help="gsm8k or arith"),
 
 
 @app.command(epilog=PLAN_EXAMPLES)
-def plan(task: str = typer.Argument(..., help="gsm8k, arith or toy"),
+def plan(task: str = typer.Argument(..., help=TASK_HELP),
          vram: str = typer.Option(..., help="Memory budget, e.g. 8G, 7.5GiB, 6000M."),
          model: Optional[str] = typer.Option(None, help="Hub name (config only, no weights), local folder, "
                                                          "config.json, or smollm2-135m."),
@@ -199,7 +207,8 @@ def plan(task: str = typer.Argument(..., help="gsm8k, arith or toy"),
     """Print where every byte goes and the settings that fit the budget, without loading any weights."""
     from tinyrl import budget, loop
 
-    cfg = build_config(Config(), {"task": task, "model": model, "data": data, "vram": vram, "method": method}, set_)
+    cfg = build_config(config_mod.for_task(task), {"task": task, "model": model, "data": data, "vram": vram,
+                                                   "method": method}, set_)
     print(budget.format_plan(loop.make_plan(cfg, frozenset(set_keys(set_)), budget.device_caps(gpu))))
 
 
@@ -302,7 +311,8 @@ def settings():
     """List every Config field with its default and meaning."""
     docs = config_mod.field_docs()
     for name, f in config_mod.FIELDS.items():
-        print(f"{name} = {f.default!r}\n    {docs.get(name, '')}")
+        per_task = ", ".join(f"{t}: {d[name]!r}" for t, d in config_mod.TASK_DEFAULTS.items() if name in d)
+        print(f"{name} = {f.default!r}" + (f"  ({per_task})" if per_task else "") + f"\n    {docs.get(name, '')}")
 
 
 def main() -> None:

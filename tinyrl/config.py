@@ -26,10 +26,31 @@ ARITH_NUMBERS = (10, 90)  # allowed arith_max: below 10 too few distinct problem
 class Config:
     # --- what to train -------------------------------------------------------------------------
     task: str = "gsm8k"
-    """Task name: `gsm8k` (GSM8K, hub or --data), `arith` (offline synthetic arithmetic), `toy` (digit toy reward)."""
+    """Task name: `gsm8k`, `arith` (offline synthetic arithmetic), `toy` (digit toy reward), `ai-mo` (NuminaMath-TIR,
+    the paper's second task), `math-500` and `aime24` (evaluation sets), `custom` (your --data and --reward)."""
     data: str | None = None
-    """Local GSM8K-format file (jsonl or parquet with question/answer fields) or a folder with train.jsonl/test.jsonl.
-    None loads `openai/gsm8k` from the Hugging Face hub."""
+    """The task's data instead of its hub dataset: a local jsonl / json / parquet / csv file, a folder holding
+    train.jsonl and test.jsonl (or .json/.parquet/.csv), or a hub dataset name (owner/name). Rows: TRL's `prompt`
+    column, or a question column and a gold-answer column; every column reaches the reward functions."""
+    data_config: str | None = None
+    """The hub dataset's config (subset) name, for a hub --data."""
+    question_column: str = "auto"
+    """The question column: `auto` takes `question`, else `problem` (a `prompt` column, if any, is used instead)."""
+    answer_column: str = "auto"
+    """The gold-answer column: `auto` takes `answer`, else `solution`. Its value may be GSM8K's `... #### N`, a
+    worked solution ending in `\\boxed{...}`, or the bare answer."""
+    train_limit: int = 0
+    """Train on this many examples drawn under the seed (0 = all of them). ai-mo: 2000, as the paper."""
+    epochs: int = 1
+    """Passes over the training examples when steps is 0. ai-mo: 4, as the paper."""
+    reward_funcs: str = ""
+    """Your reward functions, comma-separated `path/to/file.py:function` or `package.module:function` (the CLI's
+    --reward): TRL's contract, f(prompts, completions, completion_ids, **columns) -> one float (or None) each."""
+    reward_weights: str = ""
+    """Weights of reward functions by name, e.g. `my_check=2,xml_count=0.5` (the rest weigh 1)."""
+    success: str = ""
+    """Which completions succeeded (the memory's success/failure split, and eval's accuracy): `NAME>=X` or
+    `NAME>X` on a reward function's value; empty = the task's accuracy (its gold answer matched)."""
     arith_ops: str = "2-4"
     """Operations per `arith` problem: a count `N` or a range `A-B` drawn per problem, from 1 to 8 (one operation:
     "Omar has 8 cookies. He loses 3 cookies. How many ..."). Train and test use the same setting."""
@@ -171,6 +192,21 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TASK_DEFAULTS = {
+    "ai-mo": {"prompts_per_step": 64, "max_prompt_tokens": 512, "max_new_tokens": 300, "memory_k": 20, "epochs": 4,
+              "train_limit": 2000},
+}
+"""Defaults of a task where the paper's differ from GSM8K's (memory-r-plus.md §4, §6): what a new run of that task
+starts from unless the setting is given."""
+
+
+def for_task(task: str) -> Config:
+    """The defaults of a new run of `task` (Config(), then TASK_DEFAULTS).
+
+    >>> for_task("ai-mo").memory_k, for_task("gsm8k").memory_k
+    (20, 1)
+    """
+    return Config(task=task, **TASK_DEFAULTS.get(task, {}))
 BEFORE_THEY_EXISTED = {"score_at_temperature": False}
 """Settings whose default changed when they were added: a run saved before keeps the behaviour it was trained with."""
 DETERMINISTIC_ENV = {"MKL_CBWR": "COMPATIBLE", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
@@ -239,7 +275,7 @@ def validate(cfg: Config) -> Config:
     """Reject values no run can use, each with one line saying what is allowed."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    positive = ("prompts_per_step", "micro_batch", "gen_batch", "logprob_chunk", "max_prompt_tokens",
+    positive = ("epochs", "prompts_per_step", "micro_batch", "gen_batch", "logprob_chunk", "max_prompt_tokens",
                 "max_new_tokens", "lora_rank", "save_every", "sample_every", "memory_k", "memory_max_keys",
                 "memory_max_values", "memory_window")
     for name in positive:
@@ -247,8 +283,8 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.group_size < 2:
         raise UserError(f"group_size must be at least 2 for group-normalised advantages (got {cfg.group_size})")
-    if min(cfg.steps, cfg.min_new_tokens, cfg.eval_every, cfg.threads, cfg.keep_checkpoints, cfg.max_minutes) < 0:
-        raise UserError("steps, min_new_tokens, eval_every, threads, keep_checkpoints and max_minutes must be 0 or "
+    if min(cfg.steps, cfg.train_limit, cfg.min_new_tokens, cfg.eval_every, cfg.threads, cfg.keep_checkpoints, cfg.max_minutes) < 0:
+        raise UserError("steps, train_limit, min_new_tokens, eval_every, threads, keep_checkpoints and max_minutes must be 0 or "
                         "more")
     if cfg.max_skipped_steps < 1:
         raise UserError(f"max_skipped_steps must be at least 1 (got {cfg.max_skipped_steps})")
@@ -269,6 +305,8 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     report_sinks(cfg.report_to)
+    parse_success(cfg.success)
+    parse_weights(cfg.reward_weights)
     if cfg.vram is not None and re.fullmatch(r"\s*[\d.]+\s*", str(cfg.vram)):
         raise UserError(f"vram={cfg.vram}: a size needs a unit (a bare number is bytes); write e.g. {cfg.vram.strip()}G "
                         "(GiB), 8000M or 8GB")
@@ -338,6 +376,39 @@ def wandb_login_found() -> bool:
         return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def parse_success(text: str) -> tuple[str, str, float] | None:
+    """`success` as (reward name, ">=" or ">", threshold); None when empty (the task's accuracy).
+
+    >>> parse_success("my_check>=1"), parse_success(" score > 0.5 "), parse_success("")
+    (('my_check', '>=', 1.0), ('score', '>', 0.5), None)
+    """
+    if not text.strip():
+        return None
+    match = re.fullmatch(r"\s*([\w.\-]+)\s*(>=|>)\s*([-+\d.eE]+)\s*", text)
+    try:
+        return match[1], match[2], float(match[3])
+    except (TypeError, ValueError):
+        raise UserError(f"success={text!r}: expected NAME>=X or NAME>X on a reward function's value, e.g. "
+                        "success=my_check>=1") from None
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """`reward_weights` as {name: weight}.
+
+    >>> parse_weights("my_check=2, xml_count=0.5"), parse_weights("")
+    ({'my_check': 2.0, 'xml_count': 0.5}, {})
+    """
+    weights = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = pair.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"reward_weights={text!r}: expected NAME=WEIGHT pairs, comma-separated, e.g. "
+                            "reward_weights=my_check=2,xml_count=0.5") from None
+    return weights
 
 
 def arith_difficulty(arith_ops: str, arith_max: int) -> tuple[int, int]:

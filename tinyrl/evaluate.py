@@ -9,6 +9,7 @@ import os
 
 from tinyrl import budget, checkpoint, policy, prompts, rewards, tasks
 from tinyrl import config as config_mod
+from tinyrl import task as task_mod
 from tinyrl.config import Config
 from tinyrl.errors import UserError
 from tinyrl.types import Example
@@ -17,14 +18,15 @@ STEP_FILE = "eval-{task}-step-{step:06d}.jsonl"  # in the run folder, with --che
 SUMMARY_FILE = "eval-{task}-checkpoints.json"
 
 
-def system_prompt(task: str) -> str:
-    return prompts.TOY_SYSTEM_PROMPT if tasks.reward_kind(task) == "toy" else prompts.SYSTEM_PROMPT
+def system_prompt(task: str) -> str | None:
+    return task_mod.system_prompt(task)
 
 
 def evaluate(cfg: Config, adapter: str | None, limit: int | None, out_path: str | None) -> dict:
     """`tinyrl eval`: greedy completions on the test split; exact match on <answer> and extractive match."""
+    examples = task_mod.held_out(cfg, None, limit)  # read (and refused) before minutes of loading
     model, tokenizer = load(cfg, adapter)
-    return run_eval(model, tokenizer, tasks.for_run(cfg, "test", limit), cfg, out_path, progress=True)
+    return run_eval(model, tokenizer, examples, cfg, out_path, progress=True)
 
 
 def load(cfg: Config, adapter: str | None):
@@ -46,7 +48,7 @@ def evaluate_checkpoints(cfg: Config, run: str, limit: int | None) -> dict[int, 
     paths = [p for p in paths if os.path.exists(os.path.join(p, "state.json"))]  # written last: complete
     if not paths:
         raise UserError(f"--adapter {run}: the run has no checkpoint yet")
-    examples = tasks.for_run(cfg, "test", limit)
+    examples = task_mod.held_out(cfg, None, limit)
     model, tokenizer = load(cfg, paths[0])
     results = {}
     for path in paths:
@@ -106,6 +108,7 @@ def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: s
     `progress`, a line per batch ("eval [PROGRESS: ]n/N ...": a string names what is evaluated, e.g. "step 4")."""
     rows = []
     batch_size = batch_size or cfg.gen_batch
+    gold_format = "latex" if tasks.gold_format(cfg.task, examples) == "latex" else "expr"
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
         rendered = prompts.render(batch, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot, seed=cfg.seed,
@@ -114,7 +117,7 @@ def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: s
                               gen_batch=batch_size, greedy=True, decode_mode=cfg.decode)
         answers = [ex.answer for ex in batch]
         exact = rewards.correctness(list(out.completions), answers)
-        extractive = rewards.extractive_match(list(out.completions), answers)
+        extractive = rewards.extractive_match(list(out.completions), answers, gold_format=gold_format)
         for ex, text, e, x in zip(batch, out.completions, exact, extractive):
             rows.append({"index": ex.index, "question": ex.question, "answer": ex.answer, "completion": text,
                          "exact_match": e, "extractive_match": x})

@@ -19,17 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinyrl import (budget, checkpoint, encoder, evaluate, faults, grpo, memory, meter, policy, prompts, rewards,
-                    tasks)
+from tinyrl import budget, checkpoint, encoder, evaluate, faults, grpo, memory, meter, policy, prompts, tasks
 from tinyrl import config as config_mod
+from tinyrl import task as task_mod
 from tinyrl.config import Config
 from tinyrl.errors import Stopped, UserError
-from tinyrl.types import Example, Rollouts, Scored, StepResult, TrainBatch
+from tinyrl.types import Rollouts, Scored, StepResult, TrainBatch
 
 
-def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), resume: bool = False) -> str:
+def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), resume: bool = False,
+        data: Any = None, test_data: Any = None, reward_funcs: tuple = ()) -> str:
     """Train (or resume) the run in cfg.out; returns the run folder. `pins`: settings the user set by hand, which
     the --vram planner keeps. `resume`: --resume was given, so config.RESUMABLE settings may differ from the run's.
+    `data`, `test_data` (Python rows or Datasets) and `reward_funcs` (callables) add to what cfg names (tinyrl.task).
     A signal stops it at the next batch boundary, dropping the step in progress, with a checkpoint at the step's
     start (errors.Stopped); `max_minutes` stops it between steps likewise, returning."""
     begun = time.perf_counter()
@@ -43,9 +45,9 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with faults.RunLock(cfg.out) as lock, faults.StopRequests() as stops, faults.deterministic(cfg.deterministic):
-        train = tasks.for_run(cfg, "train", None)
-        held_out = tasks.for_run(cfg, "test", cfg.eval_limit) if cfg.eval_every else []
-        total = cfg.steps or max(1, len(train) // cfg.prompts_per_step)
+        task = task_mod.build(cfg, data, reward_funcs, warn=None if quiet else meter.notice)
+        held_out = task_mod.held_out(cfg, test_data, cfg.eval_limit) if cfg.eval_every else []
+        total = cfg.steps or max(1, cfg.epochs * len(task.train) // cfg.prompts_per_step)
         changes, _ = checkpoint.check_run(cfg, resume, total)  # refused before minutes of loading, not after
         random.seed(cfg.seed)
         parts = dataclasses.replace(load_parts(cfg, planned, quiet), stops=stops)
@@ -68,7 +70,7 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
                                                                60 * cfg.max_minutes)
                 if not dropped:
                     try:
-                        metrics, cfg = take_step(parts, cfg, train, step, log)
+                        metrics, cfg = take_step(parts, cfg, task, step, log)
                     except faults.Abandoned:  # a stop request inside the step: as if it came before it
                         checkpoint.set_rng_state(*began_step)
                         dropped = True
@@ -137,14 +139,14 @@ def load_parts(cfg: Config, planned, quiet: bool) -> Parts:
     return Parts(model, tokenizer, device, optimizer, scaler, enc, mem)
 
 
-def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -> tuple[dict, Config]:
+def take_step(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log) -> tuple[dict, Config]:
     """One optimizer step: sample, score, remember, advantages, GRPO update; its metrics and the config (an OOM
     back-off may lower gen_batch or micro_batch); its sample rows left on the meter; faults.Abandoned on a stop."""
     timings, peaks, started = {}, {}, time.perf_counter()  # seconds and peak bytes by phase
     model, device = parts.model, parts.device
-    batch = tasks.examples_for_step(train, step, cfg.prompts_per_step, cfg.seed)
+    batch = tasks.examples_for_step(task.train, step, cfg.prompts_per_step, cfg.seed)
     rendered = prompts.render(batch, parts.tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
-                              seed=cfg.seed, system_prompt=evaluate.system_prompt(cfg.task))
+                              seed=cfg.seed, system_prompt=task.system_prompt)
     with meter.phase(timings, peaks, "generate", device):
         rollouts, cfg = faults.with_oom_backoff(lambda c: policy.generate(
             model, parts.tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
@@ -152,7 +154,7 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
             min_new_tokens=c.min_new_tokens, decode_mode=c.decode,
             on_batch=faults.at_boundary(parts.stops, log, step, "generating")), cfg, "gen_batch", log)
     with meter.phase(timings, peaks, "score", device):
-        scored = score(cfg, rollouts)
+        scored = task_mod.score(task, cfg, rollouts, step)
     memory_stats = {}
     if parts.memory is not None:
         with meter.phase(timings, peaks, "memory", device):
@@ -172,7 +174,7 @@ def take_step(parts: Parts, cfg: Config, train: list[Example], step: int, log) -
         peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
     metrics = meter.step_metrics(step + 1, rollouts, scored, result, lr=lr, timings=timings, peaks=peaks)
     metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
-                    "oom/micro_batch": cfg.micro_batch})
+                    "oom/micro_batch": cfg.micro_batch, **({"data/skipped_gold": task.skipped} if task.skipped else {})})
     if memory_stats:
         metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
     log.pending_samples = meter.sample_rows(rollouts, scored, n=4)
@@ -201,20 +203,11 @@ def make_plan(cfg: Config, pins: frozenset[str], caps) -> budget.Plan:
         sample = tasks.for_run(cfg, "train", 64)
         tokenizer = policy.load_tokenizer(policy.resolve_model(cfg.model))
         rendered = prompts.render(sample, tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
-                                  seed=cfg.seed, system_prompt=evaluate.system_prompt(cfg.task))
+                                  seed=cfg.seed, system_prompt=task_mod.system_prompt(cfg.task))
         lengths = rendered.attention_mask.sum(-1).tolist()
     except (UserError, OSError, ValueError):
         pass  # no data or tokenizer offline: plan for full-length prompts, the safe side
     return budget.plan_for(cfg, geometry, lengths, caps, pins)
-
-
-def score(cfg: Config, rollouts: Rollouts) -> Scored:
-    """Task rewards for every completion (the toy task has its own), each component under its own name."""
-    answers = [ex.answer for ex in rollouts.prompts.examples for _ in range(rollouts.group_size)]  # [P*G]
-    components, correct = rewards.score(list(rollouts.completions), answers, tasks.reward_kind(cfg.task),
-                                        cfg.method, numeric=cfg.numeric_match, max_len=cfg.cosine_max_len)
-    return Scored(components={k: torch.tensor(v, dtype=torch.float32) for k, v in components.items()},  # [P*G]
-                  correct=torch.tensor(correct, dtype=torch.bool))
 
 
 def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict]:
@@ -235,7 +228,7 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
         components["explore"] = torch.from_numpy(s.explore_weight * out.explore).float()  # [P*G]
     stats = {**out.metrics(), **{f"memory/{k}": v for k, v in mem.stats().items()},
              "time/memory_encode_ms": encode_ms, "time/memory_total_ms": out.timing_ms["total"] + encode_ms}
-    return Scored(components=components, correct=scored.correct), stats
+    return dataclasses.replace(scored, components=components), stats
 
 
 def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None) -> StepResult:

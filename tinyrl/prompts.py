@@ -30,6 +30,12 @@ Respond in the following format:
 </answer>
 """
 TOY_SYSTEM_PROMPT = "Answer briefly."
+AIMO_SYSTEM_PROMPT = (  # DeepSeek-R1's, as open-r1 and TRL's NuminaMath recipe use it (the paper's AI-MO runs)
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think><answer> answer here </answer>"
+)
 XML_LAYOUT = "<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
 
 FEWSHOT_EXEMPLARS = [  # (question, reasoning, answer)
@@ -127,6 +133,8 @@ def render(
 ) -> PromptBatch:
     """Chat-template, tokenize (no extra special tokens), keep each prompt's last `max_prompt_tokens` tokens,
     and left-pad with the pad token (eos when there is none). `texts` holds the rendered prompts before truncation.
+    An example with its own `prompt` (TRL's column) uses it instead of the system prompt, few-shot turns and
+    question: a conversation is chat-templated as it is, a string is the text as it is.
     """
     if max_prompt_tokens < 1:
         raise UserError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
@@ -135,7 +143,10 @@ def render(
         raise UserError("the tokenizer has neither a pad token nor an eos token; pick a model that has one")
     texts = []
     for example in examples:
-        turns = messages(example, few_shot, seed, system_prompt)
+        if isinstance(example.prompt, str):  # TRL's standard format: the model's input as is
+            texts.append(example.prompt)
+            continue
+        turns = list(example.prompt) if example.prompt else messages(example, few_shot, seed, system_prompt)
         if getattr(tokenizer, "chat_template", None):
             texts.append(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
         else:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -14,6 +15,8 @@ class Example:
     question: str  # the user-facing question text (the memory key)
     answer: str  # gold answer: for GSM8K the text after the first '####', stripped
     index: int  # row number in its source, for resume and per-example logs
+    prompt: Any = None  # TRL's `prompt` column when the data has one: a string, or a tuple of {role, content} turns
+    columns: dict = field(default_factory=dict, compare=False, repr=False)  # the row's columns, for reward functions
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,18 @@ class Rollouts:
 
 @dataclass(frozen=True)
 class Scored:
-    """Rewards for every completion: each component under its own name, and their sum."""
+    """Rewards for every completion: each component under its own name, and their weighted sum."""
 
-    components: dict[str, torch.Tensor]  # name -> [P*G] float
-    correct: torch.Tensor  # [P*G] bool, extracted answer matched the gold answer
+    components: dict[str, torch.Tensor]  # name -> [P*G] float; NaN: that function had no opinion (TRL's None)
+    correct: torch.Tensor  # [P*G] bool, the task's success signal (the gold answer matched, by default)
+    weights: dict[str, float] = field(default_factory=dict)  # name -> weight; 1 when absent
 
     @property
     def total(self) -> torch.Tensor:
-        """[P*G] float: the sum of the components, each weight 1."""
-        return torch.stack(list(self.components.values())).sum(0)
+        """[P*G] float: the sum of the components times their weights, a NaN counting as 0 (TRL's nansum)."""
+        stacked = torch.stack([v * self.weights.get(k, 1.0) if k in self.weights else v
+                               for k, v in self.components.items()])
+        return stacked.nansum(0) if stacked.isnan().any() else stacked.sum(0)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ where it runs). This file only re-exports them: `rewards.xml_count`, `rewards.ch
 """
 
 from tinyrl.rewards.aimo import (
-    AIMO_SYSTEM_PROMPT,
     REASONING_STEPS,
     THINK_FORMAT,
     accuracy,
@@ -45,7 +44,7 @@ from tinyrl.rewards.gsm8k import (
 from tinyrl.rewards.verify import GOLD_FORMATS, check, gold_parses, timeouts
 
 __all__ = [
-    "AIMO_SYSTEM_PROMPT", "GOLD_FORMATS", "METHODS", "REASONING_STEPS", "SOFT_FORMAT", "STRICT_FORMAT", "THINK_FORMAT",
+    "GOLD_FORMATS", "METHODS", "REASONING_STEPS", "SOFT_FORMAT", "STRICT_FORMAT", "THINK_FORMAT",
     "accuracy", "aimo_rewards", "check", "correct_flags", "correctness", "correctness_numeric", "cosine_length",
     "digit_fraction", "extract_answer", "extractive_match", "gold_answer", "gold_parses", "integer",
     "normalize_number", "reasoning_steps", "require_method", "score", "soft_format", "strict_format", "task_rewards",

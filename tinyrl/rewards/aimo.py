@@ -1,7 +1,7 @@
 """The paper's AI-MO rewards (NuminaMath-TIR; docs: memory-r-plus.md §4), with the TRL reward contract
 `(completions, answers=None, **kw) -> list[float]`.
 
-The system prompt is DeepSeek-R1's, as open-r1's and TRL's NuminaMath recipes use it (`AIMO_SYSTEM_PROMPT`): reasoning
+The system prompt is DeepSeek-R1's, as open-r1's and TRL's NuminaMath recipes use it (`prompts.AIMO_SYSTEM_PROMPT`): reasoning
 in `<think>`, the answer in `<answer>`. Three rewards, no integer reward:
 
 - `think_format`: 1.0 when `re.match(THINK_FORMAT, text, re.DOTALL)`: the §4 format reward, DOTALL so that
@@ -21,12 +21,6 @@ import re
 from tinyrl.rewards.gsm8k import cosine_length, require_method
 from tinyrl.rewards.verify import check
 
-AIMO_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
-    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
-    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think><answer> answer here </answer>"
-)
 THINK_FORMAT = r"^<think>.*?</think>\s*<answer>.*?</answer>$"  # re.match with re.DOTALL
 REASONING_STEPS = r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)"  # re.findall, no flags
 

@@ -256,7 +256,12 @@ def _check_one(completion: str, gold: str, gold_format: str, seconds: int) -> bo
 
     seconds = _own_alarm(seconds)
     targets = (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0))
-    found = parse(extract_answer(completion), targets, parsing_timeout=seconds) if "<answer>" in completion else []
+    found = []
+    if "<answer>" in completion:
+        tagged = extract_answer(completion)
+        if gold_format == "latex" and "$" not in tagged and "\\boxed" not in tagged and "\\" in tagged:
+            tagged = f"${tagged}$"  # LaTeX written bare in the tag (`5\\sqrt{2}`): read it as math, not as "5"
+        found = parse(tagged, targets, parsing_timeout=seconds)
     found = found or parse(completion, targets, parsing_timeout=seconds)
     return verify(_parse_gold(gold, gold_format, seconds), found, float_rounding=5, timeout_seconds=seconds)
 
