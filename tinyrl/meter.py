@@ -151,7 +151,8 @@ def step_metrics(step: int, rollouts: Rollouts, scored: Scored, result: StepResu
     lengths = rollouts.completion_mask.sum(-1)  # [P*G] tokens incl. EOS
     grouped = scored.total.view(-1, rollouts.group_size)  # [P, G]
     metrics = {"step": step, "reward/total": scored.total.mean().item()}
-    metrics.update({f"reward/{k}": v.mean().item() for k, v in scored.components.items()})
+    metrics.update({f"reward/{k}": v.nanmean().item() for k, v in scored.components.items()  # None: no opinion
+                    if not v.isnan().all()})
     metrics.update({
         "correct": scored.correct.float().mean().item(),
         "len/mean": lengths.mean().item(), "len/min": lengths.min().item(), "len/max": lengths.max().item(),
@@ -172,7 +173,7 @@ def sample_rows(rollouts: Rollouts, scored: Scored, n: int) -> list[dict]:
         ex = rollouts.prompts.examples[i // rollouts.group_size]
         rows.append({"question": ex.question, "answer": ex.answer, "completion": rollouts.completions[i],
                      "reward": round(scored.total[i].item(), 4),
-                     **{k: round(v[i].item(), 4) for k, v in scored.components.items()}})
+                     **{k: None if v[i].isnan() else round(v[i].item(), 4) for k, v in scored.components.items()}})
     return rows
 
 

@@ -107,7 +107,11 @@ def build(cfg: Config, data: Any = None, reward_funcs: tuple = (), split: str = 
 def held_out(cfg: Config, data: Any, limit: int | None) -> list[Example]:
     """The first `limit` test examples whose gold math-verify can parse (`data`: Python rows instead of cfg.data)."""
     examples = tasks.for_run(cfg, "test", None, data=data)
-    return parseable(examples, tasks.gold_format(cfg.task, examples))[0][:limit]
+    fmt = tasks.gold_format(cfg.task, examples)
+    if fmt == "none" and tasks.reward_kind(cfg.task) != "toy":
+        raise UserError(f"{cfg.task} test data has no gold answer column to evaluate against (answer or solution; "
+                        "--set answer_column=NAME)")
+    return parseable(examples, fmt)[0][:limit]
 
 
 def parseable(examples: list[Example], fmt: str) -> tuple[list[Example], int]:
