@@ -383,3 +383,25 @@ def test_eval_on_math_style_latex_answers(tiny_model, tmp_path, monkeypatch):
     # math-verify's verdicts: polar point, 5 sqrt 2, the interval, 0.75 = 3/4 right; 7 != 6; a bare (B) is not read
     assert [r["extractive_match"] for r in rows] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert result["extractive_match"] == pytest.approx(4 / 6) and result["n"] == 6
+
+
+def test_eval_reports_the_success_signal_of_your_reward(tiny_model, tmp_path, monkeypatch):
+    from tinyrl import evaluate
+
+    def fake_generate(model, tokenizer, rendered, **kw):
+        n = len(rendered.examples)
+        texts = tuple(["the answer is 4", "no idea"][ex.index % 2] for ex in rendered.examples)
+        return Rollouts(rendered, 1, torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2), texts,
+                        torch.zeros(n, dtype=torch.bool))
+
+    (tmp_path / "r.py").write_text("def says_four(completions, **kw):\n    return [float('4' in c) for c in completions]\n")
+    data = write_jsonl(tmp_path / "test.jsonl", [{"question": f"q{i}", "answer": "4"} for i in range(4)])
+    monkeypatch.setattr(evaluate.policy, "generate", fake_generate)
+    cfg = Config(task="custom", data=data, model=tiny_model, reward_funcs=f"{tmp_path / 'r.py'}:says_four",
+                 success="says_four>=1")
+    monkeypatch.setattr(evaluate, "load", lambda cfg, adapter: (None, __import__("tinyrl").policy.load_tokenizer(
+        tiny_model)))
+    result = evaluate.evaluate(cfg, None, None, str(tmp_path / "eval.jsonl"))
+    assert result["success"] == 0.5 and result["extractive_match"] == 0.5 and result["n"] == 4
+    rows = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert [r["success"] for r in rows] == [1.0, 0.0, 1.0, 0.0]

@@ -190,8 +190,9 @@ def eval_(task: str = typer.Argument(..., help="gsm8k, arith, ai-mo, math-500, a
     whose = " (the run's; --set max_new_tokens=N to change)" if base != fresh else ""
     print(f"eval {task}: greedy, max_new_tokens {cfg.max_new_tokens}{whose}", flush=True)
     result = evaluate.evaluate(cfg, adapter_dir, limit, out_path)
+    success = f"  success {result['success']:.4f} ({cfg.success})" if "success" in result else ""
     print(f"eval {task}: exact_match {result['exact_match']:.4f}  extractive_match {result['extractive_match']:.4f}"
-          f"  n={result['n']}  (per-example: {out_path})")
+          f"{success}  n={result['n']}  (per-example: {out_path})")
 
 
 @app.command(epilog=PLAN_EXAMPLES)

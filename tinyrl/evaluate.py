@@ -25,8 +25,9 @@ def system_prompt(task: str) -> str | None:
 def evaluate(cfg: Config, adapter: str | None, limit: int | None, out_path: str | None) -> dict:
     """`tinyrl eval`: greedy completions on the test split; exact match on <answer> and extractive match."""
     examples = task_mod.held_out(cfg, None, limit)  # read (and refused) before minutes of loading
+    judge = task_mod.judge(cfg) if cfg.success else None
     model, tokenizer = load(cfg, adapter)
-    return run_eval(model, tokenizer, examples, cfg, out_path, progress=True)
+    return run_eval(model, tokenizer, examples, cfg, out_path, progress=True, judge=judge)
 
 
 def load(cfg: Config, adapter: str | None):
@@ -49,6 +50,7 @@ def evaluate_checkpoints(cfg: Config, run: str, limit: int | None) -> dict[int, 
     if not paths:
         raise UserError(f"--adapter {run}: the run has no checkpoint yet")
     examples = task_mod.held_out(cfg, None, limit)
+    judge = task_mod.judge(cfg) if cfg.success else None
     model, tokenizer = load(cfg, paths[0])
     results = {}
     for path in paths:
@@ -57,7 +59,7 @@ def evaluate_checkpoints(cfg: Config, run: str, limit: int | None) -> dict[int, 
         if getattr(loaded, "unexpected_keys", None):
             raise UserError(f"checkpoint {path} does not match {paths[0]} (unexpected {loaded.unexpected_keys[:2]})")
         out_path = os.path.join(run, STEP_FILE.format(task=cfg.task, step=step))
-        results[step] = run_eval(model, tokenizer, examples, cfg, out_path, progress=f"step {step}")
+        results[step] = run_eval(model, tokenizer, examples, cfg, out_path, progress=f"step {step}", judge=judge)
     config_mod.write_atomic(os.path.join(run, SUMMARY_FILE.format(task=cfg.task)),
                             json.dumps({str(step): m for step, m in results.items()}, indent=1) + "\n")
     return results
@@ -95,17 +97,21 @@ def report_checkpoints(results: dict[int, dict], run: str, task: str) -> str:
     return "\n".join(lines)
 
 
-def during_fit(model, tokenizer, examples: list[Example], cfg: Config) -> dict:
+def during_fit(model, tokenizer, examples: list[Example], cfg: Config, judge=None) -> dict:
     """`eval_every`: the held-out metrics under eval/*. One completion per prompt, as many prompts per generate
     call as a training batch prefills, so evaluation stays inside the --vram plan."""
     batch_size = budget.prefill_rows(cfg.gen_batch, cfg.group_size)
-    return {f"eval/{k}": v for k, v in run_eval(model, tokenizer, examples, cfg, batch_size=batch_size).items()}
+    judge = judge if cfg.success else None
+    return {f"eval/{k}": v for k, v in run_eval(model, tokenizer, examples, cfg, batch_size=batch_size,
+                                                judge=judge).items()}
 
 
 def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: str | None = None,
-             progress: bool | str = False, batch_size: int | None = None) -> dict:
+             progress: bool | str = False, batch_size: int | None = None, judge=None) -> dict:
     """Greedy completions, `batch_size` prompts per generate call (default gen_batch), and both metrics. With
-    `progress`, a line per batch ("eval [PROGRESS: ]n/N ...": a string names what is evaluated, e.g. "step 4")."""
+    `progress`, a line per batch ("eval [PROGRESS: ]n/N ...": a string names what is evaluated, e.g. "step 4").
+    With a `judge` (a task_mod.Task whose success names a reward function), `success` too: the share for which
+    `success=NAME>=X` holds, the run's own accuracy."""
     rows = []
     batch_size = batch_size or cfg.gen_batch
     gold_format = "latex" if tasks.gold_format(cfg.task, examples) == "latex" else "expr"
@@ -118,9 +124,10 @@ def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: s
         answers = [ex.answer for ex in batch]
         exact = rewards.correctness(list(out.completions), answers)
         extractive = rewards.extractive_match(list(out.completions), answers, gold_format=gold_format)
-        for ex, text, e, x in zip(batch, out.completions, exact, extractive):
+        won = task_mod.score(judge, cfg, out, 0).correct.tolist() if judge else [None] * len(batch)
+        for ex, text, e, x, ok in zip(batch, out.completions, exact, extractive, won):
             rows.append({"index": ex.index, "question": ex.question, "answer": ex.answer, "completion": text,
-                         "exact_match": e, "extractive_match": x})
+                         "exact_match": e, "extractive_match": x, **({"success": float(ok)} if judge else {})})
         if progress:
             head = f"{progress}: " if isinstance(progress, str) else ""
             print(f"eval {head}{len(rows)}/{len(examples)} exact {mean(r['exact_match'] for r in rows):.3f} "
@@ -128,7 +135,8 @@ def run_eval(model, tokenizer, examples: list[Example], cfg: Config, out_path: s
     if out_path:
         config_mod.write_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     return {"exact_match": mean(r["exact_match"] for r in rows),
-            "extractive_match": mean(r["extractive_match"] for r in rows), "n": len(rows)}
+            "extractive_match": mean(r["extractive_match"] for r in rows), "n": len(rows),
+            **({"success": mean(r["success"] for r in rows)} if judge else {})}
 
 
 def mean(values) -> float:

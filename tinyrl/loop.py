@@ -86,7 +86,7 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
                 metrics.update(planned.metrics() if planned else {})
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                     began = time.perf_counter()
-                    metrics.update(evaluate.during_fit(parts.model, parts.tokenizer, held_out, cfg))
+                    metrics.update(evaluate.during_fit(parts.model, parts.tokenizer, held_out, cfg, task))
                     step_times[-1] += time.perf_counter() - began  # the deadline counts evaluation too
                 log.log(metrics)
                 skipped = skipped + 1 if metrics["amp/skipped"] else 0

@@ -80,6 +80,12 @@ def build(cfg: Config, data: Any = None, reward_funcs: tuple = (), split: str = 
     if skipped and warn:
         warn(f"skipped {skipped} of {skipped + len(examples)} {split} examples whose gold answer math-verify cannot "
              "parse (never scored as correct; data/skipped_gold in metrics.jsonl)")
+    return dataclasses.replace(judge(cfg, reward_funcs, fmt, training=split == "train"), train=examples,
+                               skipped=skipped)
+
+
+def judge(cfg: Config, reward_funcs: tuple = (), gold_format: str = "none", training: bool = False) -> Task:
+    """The scoring half of a task, without its data: the reward functions, weights and success, checked."""
     custom = tuple(load_reward(spec) for spec in filter(None, (s.strip() for s in cfg.reward_funcs.split(","))))
     custom += tuple(Reward(getattr(fn, "__name__", f"reward_{i}"), fn, "python") for i, fn in enumerate(reward_funcs))
     kind = tasks.reward_kind(cfg.task)
@@ -96,12 +102,12 @@ def build(cfg: Config, data: Any = None, reward_funcs: tuple = (), split: str = 
     if success and success[0] not in names:
         raise UserError(f"success={cfg.success}: no reward function named {success[0]!r}; this run's are "
                         f"{', '.join(names) or 'none (add one with --reward FILE.py:FUNCTION)'}")
-    if kind == "none" and not custom and split == "train":
+    if kind == "none" and not custom and training:
         raise UserError("the custom task needs reward functions: --reward path/to/file.py:function (repeatable)")
-    if cfg.method.startswith("memory") and success is None and fmt == "none":
+    if cfg.method.startswith("memory") and success is None and gold_format == "none" and training:
         raise UserError(f"{cfg.method} needs to know which completions succeeded, and this data has no gold answer: "
                         "--set success=NAME>=X on one of your reward functions")
-    return Task(cfg.task, examples, system_prompt(cfg.task), kind, custom, weights, success, fmt, skipped)
+    return Task(cfg.task, [], system_prompt(cfg.task), kind, custom, weights, success, gold_format, 0)
 
 
 def held_out(cfg: Config, data: Any, limit: int | None) -> list[Example]:
