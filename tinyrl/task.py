@@ -104,7 +104,7 @@ def judge(cfg: Config, reward_funcs: tuple = (), gold_format: str = "none", trai
                         f"{', '.join(names) or 'none (add one with --reward FILE.py:FUNCTION)'}")
     if kind == "none" and not custom and training:
         raise UserError("the custom task needs reward functions: --reward path/to/file.py:function (repeatable)")
-    if cfg.method.startswith("memory") and success is None and gold_format == "none" and training:
+    if cfg.method.startswith("memory") and success is None and gold_format == "none" and kind == "none" and training:
         raise UserError(f"{cfg.method} needs to know which completions succeeded, and this data has no gold answer: "
                         "--set success=NAME>=X on one of your reward functions")
     return Task(cfg.task, [], system_prompt(cfg.task), kind, custom, weights, success, gold_format, 0)
