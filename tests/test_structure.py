@@ -10,7 +10,7 @@ import tinyrl
 
 PKG = os.path.dirname(tinyrl.__file__)
 SHARED = {"types", "config", "errors", "hub", "decoding"}  # decoding: policy's static decoding step, also a leaf
-WIRING = {"loop", "task", "evaluate", "cli", "trl", "__init__", "__main__"}
+WIRING = {"loop", "task", "update", "evaluate", "cli", "trl", "__init__", "__main__"}
 PACKAGES = {"budget", "policy", "memory", "tasks", "rewards"}  # stages split into files
 
 

@@ -122,13 +122,13 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tiny_model, tmp_path, monkeypat
     the halved scale, and every metric equals the uninterrupted run's."""
     real_advantages, real_take_step = grpo.advantages, loop.take_step
 
-    def overflow_at_step_2(rewards, group_size):
-        adv = real_advantages(rewards, group_size)
+    def overflow_at_step_2(rewards, group_size, **kwargs):
+        adv = real_advantages(rewards, group_size, **kwargs)
         return adv * float("inf") if overflow_at_step_2.calls == 2 else adv
 
-    def counting(rewards, group_size):
+    def counting(rewards, group_size, **kwargs):
         overflow_at_step_2.calls += 1
-        return overflow_at_step_2(rewards, group_size)
+        return overflow_at_step_2(rewards, group_size, **kwargs)
 
     def crash_at_step_3(parts, cfg, train, step, log):
         if step == 2:
@@ -165,9 +165,9 @@ def test_fit_stops_after_max_skipped_steps_naming_the_causes(tiny_model, tmp_pat
     real_advantages = grpo.advantages
     calls = []
 
-    def nan_from_step_3(rewards, group_size):
+    def nan_from_step_3(rewards, group_size, **kwargs):
         calls.append(1)
-        adv = real_advantages(rewards, group_size)
+        adv = real_advantages(rewards, group_size, **kwargs)
         return adv * float("nan") if len(calls) >= 3 else adv
 
     monkeypatch.setattr(loop.grpo, "advantages", nan_from_step_3)

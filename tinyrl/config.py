@@ -105,7 +105,25 @@ class Config:
     max_grad_norm: float = 0.1
     """Gradient-norm clip."""
     kl_beta: float = 0.04
-    """Weight of the k3 KL penalty against the adapter-disabled reference model (0 skips the reference pass)."""
+    """beta: weight of the k3 KL penalty against the adapter-disabled reference model (the paper: 0.04). 0 (TRL's
+    default now) skips the reference pass entirely, and the planner counts no memory for it; `--set beta=0` too."""
+    loss: str = "grpo"
+    """How per-token terms are normalised: `grpo` (each completion's token mean, then the mean over completions: the
+    paper's), `dapo` (one token-level mean over the step; TRL's default), `bnpo` (the same here: one device batch per
+    step), `dr_grpo` (sum / (completions x max_new_tokens): no length bias). docs/design.md has the sources."""
+    scale_rewards: str = "group"
+    """What divides (reward - group mean) in the advantage: the group's std (`group`, the paper's), the batch's
+    (`batch`), or nothing (`none`, Dr. GRPO)."""
+    mask_truncated: bool = False
+    """Completions that hit max_new_tokens without an EOS count in their group's advantages but not in the loss
+    (DAPO's overlong filtering; TRL's mask_truncated_completions)."""
+    importance_level: str = "token"
+    """The importance ratio per token (`token`: PPO, GRPO) or per completion (`sequence`: GSPO, the exp of the mean
+    log-ratio over its tokens). With one update per generated batch the ratio is 1 either way."""
+    epsilon: float = 0.2
+    """Lower clip of the importance ratio, 1 - epsilon (PPO's epsilon)."""
+    epsilon_high: float = 0.2
+    """Upper clip of the importance ratio, 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
     score_at_temperature: bool = True
     """Training and reference log-probs are those of softmax(logits / temperature), the distribution the completions
     were drawn from (as current TRL does); false scores softmax(logits), as the paper's code (TRL 0.14) did."""
@@ -192,6 +210,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+ALIASES = {"beta": "kl_beta"}  # TRL's names that --set also takes
 TASK_DEFAULTS = {
     "ai-mo": {"prompts_per_step": 64, "max_prompt_tokens": 512, "max_new_tokens": 300, "memory_k": 20, "epochs": 4,
               "train_limit": 2000},
@@ -262,7 +281,7 @@ def apply_overrides(cfg: Config, pairs: list[str]) -> Config:
         if "=" not in pair:
             raise UserError(f"--set {pair}: expected key=value, e.g. --set group_size=8")
         key, value = pair.split("=", 1)
-        key = key.strip().replace("-", "_")
+        key = ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
         if key not in FIELDS:
             close = difflib.get_close_matches(key, list(FIELDS), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else "; `tinyrl settings` lists them all"
@@ -292,12 +311,15 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"min_new_tokens ({cfg.min_new_tokens}) exceeds max_new_tokens ({cfg.max_new_tokens})")
     if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
         raise UserError("temperature must be > 0 and top_p in (0, 1]")
+    if cfg.kl_beta < 0 or not 0 <= cfg.epsilon < 1 or cfg.epsilon_high < 0:
+        raise UserError("kl_beta (beta) must be 0 or more, epsilon in [0, 1) and epsilon_high 0 or more")
     if cfg.lr <= 0:
         raise UserError(f"lr must be positive (got {cfg.lr})")
     arith_difficulty(cfg.arith_ops, cfg.arith_max)
     if cfg.few_shot not in (0, 1):
         raise UserError(f"few_shot must be 0 or 1 (got {cfg.few_shot})")
-    choices = {"quant": ("auto", "4bit", "none"), "dtype": ("auto", "bf16", "fp16", "fp32"),
+    choices = {"loss": ("grpo", "dr_grpo", "dapo", "bnpo"), "scale_rewards": ("group", "batch", "none"),
+               "importance_level": ("token", "sequence"), "quant": ("auto", "4bit", "none"), "dtype": ("auto", "bf16", "fp16", "fp32"),
                "device": ("auto", "cpu", "cuda"), "backend": ("transformers", "unsloth"),
                "decode": ("auto", "eager", "static", "graph"),
                "memory_order": ("write-before-read", "read-before-write")}

@@ -116,15 +116,17 @@ def clip_counts(coef: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps: 
     return int((low & on).sum()), int((high & on).sum()), int(on.sum())
 
 
-def train_batch(rollouts: Rollouts, adv: torch.Tensor) -> TrainBatch:
-    """Join each prompt (repeated G times) with its completions; pad after EOS is masked out of attention."""
+def train_batch(rollouts: Rollouts, adv: torch.Tensor, mask_truncated: bool = False) -> TrainBatch:
+    """Join each prompt (repeated G times) with its completions; pad after EOS is masked out of attention. With
+    `mask_truncated`, completions without an EOS are left out of the loss (their tokens still attend)."""
     g = rollouts.group_size
     prompt_ids = rollouts.prompts.input_ids.repeat_interleave(g, 0)  # [N, Tp]
     prompt_mask = rollouts.prompts.attention_mask.repeat_interleave(g, 0)  # [N, Tp]
     input_ids = torch.cat([prompt_ids, rollouts.completion_ids], 1)  # [N, Tp+Tc]
     attention = torch.cat([prompt_mask, rollouts.completion_mask.long()], 1)  # [N, Tp+Tc]
+    loss_mask = rollouts.completion_mask * (~rollouts.truncated).unsqueeze(-1) if mask_truncated else None  # [N, Tc]
     return TrainBatch(input_ids=input_ids, attention_mask=attention, completion_mask=rollouts.completion_mask,
-                      advantages=adv)
+                      advantages=adv, loss_mask=loss_mask)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:

@@ -9,7 +9,6 @@ policy is the same weights with the adapter disabled; completion log-probs are c
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import time
@@ -24,7 +23,8 @@ from tinyrl import config as config_mod
 from tinyrl import task as task_mod
 from tinyrl.config import Config
 from tinyrl.errors import Stopped, UserError
-from tinyrl.types import Rollouts, Scored, StepResult, TrainBatch
+from tinyrl.types import Rollouts, Scored
+from tinyrl.update import accumulate, train_step, update  # noqa: F401 - the update phase; tests patch it here
 
 
 def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), resume: bool = False,
@@ -159,12 +159,12 @@ def take_step(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log) ->
     if parts.memory is not None:
         with meter.phase(timings, peaks, "memory", device):
             scored, memory_stats = remember(parts.encoder, parts.memory, rollouts, scored)
-    adv = grpo.advantages(scored.total, cfg.group_size)  # [P*G]
+    adv = grpo.advantages(scored.total, cfg.group_size, scale=cfg.scale_rewards)  # [P*G]
     with meter.phase(timings, peaks, "train", device):
         lr = grpo.lr_at(step, log.total, cfg.lr, cfg.warmup_ratio)  # a function of the step: resume-safe
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
-        batch = grpo.train_batch(rollouts, adv)
+        batch = grpo.train_batch(rollouts, adv, cfg.mask_truncated)
         exact = parts.memory is None  # with a memory, this step's writes are done: a stop waits for the step's end
         (loss, kl), cfg = faults.with_oom_backoff(lambda c: accumulate(model, parts.optimizer, batch, c, device,
             parts.scaler, faults.at_boundary(parts.stops, log, step, "training", exact)), cfg, "micro_batch", log)
@@ -229,62 +229,6 @@ def remember(enc, mem, rollouts: Rollouts, scored: Scored) -> tuple[Scored, dict
     stats = {**out.metrics(), **{f"memory/{k}": v for k, v in mem.stats().items()},
              "time/memory_encode_ms": encode_ms, "time/memory_total_ms": out.timing_ms["total"] + encode_ms}
     return dataclasses.replace(scored, components=components), stats
-
-
-def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None) -> StepResult:
-    """Loss and backward over micro-batches (`accumulate`: each trimmed to its longest prompt and completion, log-probs
-    at the sampling temperature, fp16 loss scaled), then clip and step unless non-finite (`update`)."""
-    loss, kl = accumulate(model, optimizer, batch, cfg, device, scaler)
-    return update(optimizer, scaler, cfg.max_grad_norm, loss, kl)
-
-
-def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None, on_micro=None
-               ) -> tuple[float, float]:
-    """Zero the gradients, then forward and backward every micro-batch: (summed loss, mean KL per completion).
-    An out-of-memory retry repeats it: it changes no weight or optimizer state. `on_micro(done, total)` after each."""
-    n = batch.input_ids.shape[0]
-    losses, kls = [], []
-    temperature = cfg.temperature if cfg.score_at_temperature else 1.0
-    # backward sets the peak: in fp32 on CPU, handing the forward's freed heap back first lowers peak RSS by
-    # ~150 MB at no measured cost (in bf16 it lowered nothing; docs/memory.md)
-    trim = device.type == "cpu" and policy.causal_lm(model).dtype == torch.float32
-    optimizer.zero_grad(set_to_none=True)
-    # the batch goes to the device once, and the loss and KL come back once: each crossing waits for the device
-    on_device = [t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.completion_mask, batch.advantages)]
-    for s in range(0, n, cfg.micro_batch):
-        rows = slice(s, s + cfg.micro_batch)
-        cmask = batch.completion_mask[rows]  # [b, Tc] (host)
-        tc, tp = int(cmask.sum(-1).max()), batch.input_ids.shape[1] - cmask.shape[1]  # trimmed on the host copies
-        attn = batch.attention_mask[rows, :tp]
-        first = int(attn.sum(0).nonzero()[0]) if attn.any() else 0
-        ids, attn, cmask, adv = (on_device[0][rows, first:tp + tc], on_device[1][rows, first:tp + tc],
-                                 on_device[2][rows, :tc], on_device[3][rows])  # [b, T'], [b, T'], [b, tc], [b]
-        ref = (policy.reference_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)
-               if cfg.kl_beta else None)
-        logp = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)  # [b, tc]
-        loss, kl = grpo.loss(logp, ref, adv, cmask, cfg.kl_beta, n)
-        if trim:
-            meter.release_freed()
-        (scaler.scale(loss) if scaler else loss).backward()
-        losses.append(loss.detach())
-        kls.append(kl)
-        if on_micro is not None:
-            on_micro(min(s + cfg.micro_batch, n), n)
-    return float(torch.stack(losses).sum()), float(torch.cat(kls).mean())
-
-
-def update(optimizer, scaler, max_grad_norm: float, loss: float, kl: float) -> StepResult:
-    """Unscale (fp16), clip, and step unless the loss or the gradient norm is not finite."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if finite:
-        (scaler or optimizer).step(*([optimizer] if scaler else []))
-    if scaler:
-        scaler.update()  # halves the scale after inf/nan gradients, grows it after a run of good steps
-    return StepResult(loss, kl, grad_norm, skipped=not finite, scale=scaler.get_scale() if scaler else 1.0)
 
 
 def with_overrides(cfg: Config, **changes) -> Config:

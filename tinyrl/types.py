@@ -65,6 +65,7 @@ class TrainBatch:
     attention_mask: torch.Tensor  # [N, Tp+Tc] long
     completion_mask: torch.Tensor  # [N, Tc] float
     advantages: torch.Tensor  # [N] float
+    loss_mask: torch.Tensor | None = None  # [N, Tc] float: the tokens the loss counts (default completion_mask)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ def _reasons(g: ModelGeometry, s: Settings, bd: Breakdown, tp: int, lengths: lis
              encoder_bytes: int) -> tuple[tuple[str, Any, str], ...]:
     """(knob, value, why) for every knob, in the planner's order."""
     def alt(**change) -> int:  # the peak with some knobs changed
-        return estimate(g, replace(s, **change), tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0)).peak
+        return estimate(g, replace(s, **change), tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0),
+                        reference=start.get("kl_beta", 0.04) != 0).peak
 
     texts = {
         "group_size": f"paper value (G={PAPER['group_size']}); its completions share one prompt prefill",

@@ -45,7 +45,7 @@ class Settings:
 
 KNOBS: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 # Config fields `plan` takes from the run as they are (its `base`): what the user asked for, not what fits
-GIVEN = ("group_size", "prompts_per_step", "max_prompt_tokens", "max_new_tokens", "top_p")
+GIVEN = ("group_size", "prompts_per_step", "max_prompt_tokens", "max_new_tokens", "top_p", "kl_beta")
 
 
 def _pow2_floor(n: int) -> int:

@@ -83,6 +83,7 @@ def estimate(
     laid_out: bool | None = None,
     autograd_logprobs: bool = False,
     graphs: bool | None = None,
+    reference: bool = True,
 ) -> Breakdown:
     """Peak bytes of a run with `settings` on `caps`, term by term. `prompt_len` is Tp, the padded prompt length
     (the longest prompt of a batch, at most max_prompt_tokens). `shared_prompts=False` models a run as it was
@@ -93,11 +94,12 @@ def estimate(
     whether generation lays the cache out at full length once (policy.lay_out; default: where it can).
     `autograd_logprobs`: log-prob chunks through autograd (16 B per element with grad, 8 without), as for a head
     that is not a plain Linear and as every run did before policy._TokenLogprob, to re-score those. `graphs`:
-    whether decoding replays a CUDA graph (default: on CUDA where the cache is laid out, as decode=auto does)."""
+    whether decoding replays a CUDA graph (default: on CUDA where the cache is laid out, as decode=auto does).
+    `reference`: whether training runs the reference pass (kl_beta > 0); at beta 0 it is not counted."""
     run, table = _run(geometry, settings, prompt_len, caps), _Table()
     fixed = _fixed(table, run, encoder_bytes)
     generation, generation_rule = _generation(table, run, shared_prompts, top_p, repeats_kv, laid_out, graphs)
-    training, training_rule = _training(table, run, shared_prompts, shared_scoring, autograd_logprobs)
+    training, training_rule = _training(table, run, shared_prompts, shared_scoring, autograd_logprobs, reference)
     overhead = _overhead(table, caps, max(generation, training))
     return Breakdown(tuple(table.terms), fixed, generation, training, overhead, generation_rule, training_rule)
 
@@ -280,7 +282,7 @@ def _tokens(run: _Run, shared_prompts: bool, shared_scoring: bool | None) -> _To
 
 
 def _training(table: _Table, run: _Run, shared_prompts: bool, shared_scoring: bool | None,
-              autograd_logprobs: bool) -> tuple[int, str]:
+              autograd_logprobs: bool, reference: bool = True) -> tuple[int, str]:
     """Training's peak above `fixed`, and how its terms combine: the reference pass (no grad) of one micro-batch,
     then its forward/backward, then the optimiser step."""
     g, s, c, tp, tc = run.g, run.s, run.c, run.tp, run.tc
@@ -298,7 +300,8 @@ def _training(table: _Table, run: _Run, shared_prompts: bool, shared_scoring: bo
     ref = table.add("training", "reference pass (no grad)",
                     shared_kv + n * D * c + max(call * ref_tok + repeat_kv, k * tc * V * lp_nograd),
                     f"K/V + n·D·c + max({per_call}·one layer{' + B·Tp·2·H·hd·c' if shared else ''}, "
-                    f"chunk·Tc·V·{lp_nograd}), n = {tok.text}" + (f", {calls}" if shared else ""))
+                    f"chunk·Tc·V·{lp_nograd}), n = {tok.text}" + (f", {calls}" if shared else "")
+                    ) if reference else table.add("training", "reference pass (none: kl_beta 0)", 0, "0")
     kept, layer = _activations(table, run, tok, repeat_kv)
     kept += shared_kv
     final = table.add("training", "final norm + hidden", b * tc * D * (4 + c) if shared else n * D * (4 + c),
@@ -312,7 +315,7 @@ def _training(table: _Table, run: _Run, shared_prompts: bool, shared_scoring: bo
         table.add("training", "dequantised weight (NF4 -> c)", run.dequant, "max(in·out)·c")
     fwd_bwd = kept + final + loss + max(chunk, layer)
     training = grads + max(ref, fwd_bwd, step) + run.dequant
-    rule = (f"grads + max(reference, {'shared K/V + ' if shared else ''}"
+    rule = (f"grads + max({'reference, ' if reference else ''}{'shared K/V + ' if shared else ''}"
             f"{'boundaries' if s.grad_checkpointing else 'activations'} + final + "
             f"loss + max(log-prob chunk, {'layer' if s.grad_checkpointing else 'backward'}), step)"
             + (" + dequantised" if run.dequant else ""))

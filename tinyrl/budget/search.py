@@ -127,7 +127,7 @@ def plan(
         raise UserError(_no_fit(geometry, vram_bytes, x.lengths, caps, pins, base, encoder_bytes))
     c = _widen_micro_batch(x, _raise_rank(x, choice))  # 6, 8
     final = x.settings(c.quant, c.ckpt, c.rank, c.bg, c.b, c.tc, _logprob_chunk(x, c))  # 7
-    breakdown = estimate(geometry, final, x.tp, caps, encoder_bytes, top_p=x.top_p)
+    breakdown = estimate(geometry, final, x.tp, caps, encoder_bytes, top_p=x.top_p, reference=x.reference)
     reasons = _reasons(geometry, final, breakdown, x.tp, x.lengths, caps, pins, x.start, c.stage, x.budget,
                        encoder_bytes)
     return Plan(model=geometry.name, device=caps.name, vram_bytes=vram_bytes, budget_bytes=x.budget, prompt_len=x.tp,
@@ -165,6 +165,10 @@ class _Search:
     def top_p(self) -> float:
         return self.start.get("top_p", 1.0)
 
+    @property
+    def reference(self) -> bool:  # beta 0: no reference pass
+        return self.start.get("kl_beta", 0.04) != 0
+
     def settings(self, quant: str, ckpt: bool, rank: int, bg: int, b: int, tc: int, chunk: int = 1) -> Settings:
         pins, start = self.pins, self.start
         return Settings(group_size=start["group_size"], prompts_per_step=start["prompts_per_step"],
@@ -174,7 +178,8 @@ class _Search:
                         max_prompt_tokens=start["max_prompt_tokens"], max_new_tokens=tc)
 
     def peak(self, s: Settings) -> int:
-        return estimate(self.geometry, s, self.tp, self.caps, self.encoder_bytes, top_p=self.top_p).peak
+        return estimate(self.geometry, s, self.tp, self.caps, self.encoder_bytes, top_p=self.top_p,
+                        reference=self.reference).peak
 
     def fits(self, s: Settings) -> bool:
         return self.peak(s) <= self.budget
@@ -320,7 +325,8 @@ def minimum_bytes(
         dtype=_dtype(pins, caps),
         grad_checkpointing=pins.get("grad_checkpointing", True), max_prompt_tokens=start["max_prompt_tokens"],
         max_new_tokens=pins.get("max_new_tokens", min(MIN_NEW_TOKENS, start["max_new_tokens"])))
-    need = estimate(geometry, s, tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0)).peak
+    need = estimate(geometry, s, tp, caps, encoder_bytes, top_p=start.get("top_p", 1.0),
+                    reference=start.get("kl_beta", 0.04) != 0).peak
     return math.ceil(need / (1 - MARGIN))
 
 
