@@ -104,11 +104,11 @@ def test_oom_backoff_halves_and_continues_the_same_step(tiny_model, tmp_path, mo
     real_train, real_generate = loop.accumulate, loop.policy.generate
     calls = {"train": [], "generate": []}
 
-    def accumulate(model, optimizer, batch, cfg, device, scaler, on_micro=None):
+    def accumulate(model, optimizer, batch, cfg, device, scaler, on_micro=None, *rest):
         calls["train"].append(cfg.micro_batch)
         if cfg.micro_batch > 2:
             raise torch.OutOfMemoryError("simulated")
-        return real_train(model, optimizer, batch, cfg, device, scaler, on_micro)
+        return real_train(model, optimizer, batch, cfg, device, scaler, on_micro, *rest)
 
     def generate(*args, **kw):
         calls["generate"].append(kw["gen_batch"])

@@ -145,3 +145,37 @@ def test_a_fit_with_every_option_runs_and_logs(tiny_model, tmp_path):
 
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert len(rows) == 2 and all(r["kl"] == 0.0 for r in rows)
+
+
+def test_the_first_of_several_updates_is_todays_update(tiny_model):
+    """iterations > 1: the ratio's denominators are the log-probs before any update, so the first pass's gradient
+    is the one-update gradient (ratio 1); clip counts come back once the pass completes."""
+    grads = []
+    for with_old in (False, True):
+        model, device = load(tiny_model, "fp32")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        cfg = Config(micro_batch=2, logprob_chunk=2, iterations=2, epsilon=0.2, epsilon_high=0.28)
+        b, clips = batch((1.0, -1.0, 0.5, -0.5)), []
+        old = update.old_logprobs(model, b, cfg, device) if with_old else None
+        update.accumulate(model, optimizer, b, cfg, device, old_logp=old, clips=clips)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert len(clips) == (2 if with_old else 0) and all(c[:2] == (0, 0) for c in clips)  # ratio 1: none clipped
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-5, atol=1e-8), name
+
+
+def test_a_fit_with_two_updates_per_generated_batch(tiny_model, tmp_path, monkeypatch):
+    updates = []
+    real = loop.update
+    monkeypatch.setattr(loop, "update", lambda *a, **k: updates.append(1) or real(*a, **k))
+    cfg = Config(task="toy", model=tiny_model, out=str(tmp_path / "run"), steps=3, prompts_per_step=2, group_size=4,
+                 max_new_tokens=8, lr=1e-2, iterations=2, epsilon_high=0.28)
+    run = loop.fit(cfg, quiet=True)
+    import json
+    import os
+
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert len(updates) == 6 and len(rows) == 3  # two optimizer updates per generated batch
+    assert all(0 <= r["clip/low"] <= 1 and 0 <= r["clip/high"] <= 1 for r in rows)
+    state = torch.load(os.path.join(run, "checkpoints", "step-000003", "optimizer.pt"), weights_only=False)
+    assert int(next(iter(state["state"].values()))["step"]) == 6

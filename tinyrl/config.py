@@ -120,6 +120,9 @@ class Config:
     importance_level: str = "token"
     """The importance ratio per token (`token`: PPO, GRPO) or per completion (`sequence`: GSPO, the exp of the mean
     log-ratio over its tokens). With one update per generated batch the ratio is 1 either way."""
+    iterations: int = 1
+    """mu: optimizer updates per generated batch, each with the ratio to the policy that generated it, clipped
+    (epsilon, epsilon_high). A stop waits for the step's last update, so resume stays exact."""
     epsilon: float = 0.2
     """Lower clip of the importance ratio, 1 - epsilon (PPO's epsilon)."""
     epsilon_high: float = 0.2
@@ -294,7 +297,7 @@ def validate(cfg: Config) -> Config:
     """Reject values no run can use, each with one line saying what is allowed."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    positive = ("epochs", "prompts_per_step", "micro_batch", "gen_batch", "logprob_chunk", "max_prompt_tokens",
+    positive = ("epochs", "iterations", "prompts_per_step", "micro_batch", "gen_batch", "logprob_chunk", "max_prompt_tokens",
                 "max_new_tokens", "lora_rank", "save_every", "sample_every", "memory_k", "memory_max_keys",
                 "memory_max_values", "memory_window")
     for name in positive:

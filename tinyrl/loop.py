@@ -24,7 +24,7 @@ from tinyrl import task as task_mod
 from tinyrl.config import Config
 from tinyrl.errors import Stopped, UserError
 from tinyrl.types import Rollouts, Scored
-from tinyrl.update import accumulate, train_step, update  # noqa: F401 - the update phase; tests patch it here
+from tinyrl.update import accumulate, old_logprobs, train_step, update  # noqa: F401 - tests patch them here
 
 
 def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), resume: bool = False,
@@ -165,16 +165,24 @@ def take_step(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log) ->
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
         batch = grpo.train_batch(rollouts, adv, cfg.mask_truncated)
-        exact = parts.memory is None  # with a memory, this step's writes are done: a stop waits for the step's end
-        (loss, kl), cfg = faults.with_oom_backoff(lambda c: accumulate(model, parts.optimizer, batch, c, device,
-            parts.scaler, faults.at_boundary(parts.stops, log, step, "training", exact)), cfg, "micro_batch", log)
-        result = update(parts.optimizer, parts.scaler, cfg.max_grad_norm, loss, kl)
+        # with a memory this step's writes are done, and after a first update the weights moved: a stop then waits
+        # for the step's end
+        exact = parts.memory is None and cfg.iterations == 1
+        old, clips = (old_logprobs(model, batch, cfg, device) if cfg.iterations > 1 else None), []
+        for _ in range(cfg.iterations):
+            (loss, kl), cfg = faults.with_oom_backoff(lambda c: accumulate(model, parts.optimizer, batch, c, device,
+                parts.scaler, faults.at_boundary(parts.stops, log, step, "training", exact), old, clips), cfg,
+                "micro_batch", log)
+            result = update(parts.optimizer, parts.scaler, cfg.max_grad_norm, loss, kl)
     timings["step"] = time.perf_counter() - started
     if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
         peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
     metrics = meter.step_metrics(step + 1, rollouts, scored, result, lr=lr, timings=timings, peaks=peaks)
     metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
                     "oom/micro_batch": cfg.micro_batch, **({"data/skipped_gold": task.skipped} if task.skipped else {})})
+    if clips:  # TRL's clip_ratio: shares of the ratios clipped, over the step's updates
+        low, high, total = (sum(c[i] for c in clips) for i in range(3))
+        metrics.update({"clip/low": low / max(1, total), "clip/high": high / max(1, total)})
     if memory_stats:
         metrics.update(memory_stats, **{"time/memory_share": timings["memory"] / timings["step"]})
     log.pending_samples = meter.sample_rows(rollouts, scored, n=4)

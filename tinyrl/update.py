@@ -22,15 +22,41 @@ def train_step(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
     return update(optimizer, scaler, cfg.max_grad_norm, loss, kl)
 
 
-def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None, on_micro=None
-               ) -> tuple[float, float]:
+def old_logprobs(model, batch: TrainBatch, cfg: Config, device) -> torch.Tensor:
+    """[N, Tc] log-probs of every completion token under the policy as it is now, without grad: the denominators
+    of the importance ratios when a generated batch is used for several updates (iterations > 1)."""
+    temperature = cfg.temperature if cfg.score_at_temperature else 1.0
+    out = torch.zeros(batch.completion_mask.shape, device=device)  # [N, Tc]
+    with torch.no_grad():
+        for s in range(0, batch.input_ids.shape[0], cfg.micro_batch):
+            rows = slice(s, s + cfg.micro_batch)
+            ids, attn, tc = _trimmed(batch, rows, device)
+            out[rows, :tc] = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk,
+                                                        temperature=temperature).float()
+    return out
+
+
+def _trimmed(batch: TrainBatch, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A micro-batch's ids and attention, cut to its longest prompt and completion (on the device), and Tc."""
+    cmask = batch.completion_mask[rows]  # [b, Tc] (host)
+    tc, tp = int(cmask.sum(-1).max()), batch.input_ids.shape[1] - cmask.shape[1]
+    attn = batch.attention_mask[rows, :tp]
+    first = int(attn.sum(0).nonzero()[0]) if attn.any() else 0
+    return (batch.input_ids[rows, first:tp + tc].to(device), batch.attention_mask[rows, first:tp + tc].to(device),
+            tc)
+
+
+def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None, on_micro=None,
+               old_logp: torch.Tensor | None = None, clips: list | None = None) -> tuple[float, float]:
     """Zero the gradients, then forward and backward every micro-batch: (summed loss, mean KL per completion).
     An out-of-memory retry repeats it: it changes no weight or optimizer state. `on_micro(done, total)` after each.
-    At beta 0 a micro-batch whose advantages are all 0 adds exactly nothing, so it is not run (bit-for-bit)."""
+    At beta 0 a micro-batch whose advantages are all 0 adds exactly nothing, so it is not run (bit-for-bit).
+    `old_logp` [N, Tc]: the ratio's denominators (iterations > 1); then `clips` gets the step's
+    (clipped low, clipped high, out of) counts, once the pass completes."""
     n = batch.input_ids.shape[0]
     loss_mask = batch.completion_mask if batch.loss_mask is None else batch.loss_mask  # [N, Tc]
     tokens_total = int(loss_mask.sum())  # dapo / bnpo normalise by the step's tokens
-    losses, kls = [], []
+    losses, kls, counts = [], [], []
     temperature = cfg.temperature if cfg.score_at_temperature else 1.0
     # backward sets the peak: in fp32 on CPU, handing the forward's freed heap back first lowers peak RSS by
     # ~150 MB at no measured cost (in bf16 it lowered nothing; docs/memory.md)
@@ -40,7 +66,7 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
     on_device = [t.to(device) for t in (batch.input_ids, batch.attention_mask, loss_mask, batch.advantages)]
     for s in range(0, n, cfg.micro_batch):
         rows = slice(s, s + cfg.micro_batch)
-        if SKIP_ZERO_ADVANTAGE and not cfg.kl_beta and not batch.advantages[rows].any():  # nothing to learn here, and no KL to keep
+        if SKIP_ZERO_ADVANTAGE and not cfg.kl_beta and not batch.advantages[rows].any():  # no gradient, no KL
             kls.append(torch.zeros(batch.advantages[rows].shape[0]))
             if on_micro is not None:
                 on_micro(min(s + cfg.micro_batch, n), n)
@@ -54,8 +80,12 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
         ref = (policy.reference_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)
                if cfg.kl_beta else None)
         logp = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)  # [b, tc]
-        loss, kl = grpo.loss(logp, ref, adv, cmask, cfg.kl_beta, n, kind=cfg.loss, eps=(cfg.epsilon, cfg.epsilon_high),
+        old = None if old_logp is None else old_logp[rows, :tc]  # [b, tc]
+        eps = (cfg.epsilon, cfg.epsilon_high)
+        loss, kl = grpo.loss(logp, ref, adv, cmask, cfg.kl_beta, n, kind=cfg.loss, eps=eps, old_logp=old,
                              level=cfg.importance_level, tokens_total=tokens_total, max_len=cfg.max_new_tokens)
+        if old is not None:
+            counts.append(grpo.clip_counts(grpo.ratio(logp.detach(), old, cmask, cfg.importance_level), adv, cmask, eps))
         if trim:
             meter.release_freed()
         (scaler.scale(loss) if scaler else loss).backward()
@@ -63,6 +93,8 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
         kls.append(kl)
         if on_micro is not None:
             on_micro(min(s + cfg.micro_batch, n), n)
+    if clips is not None:
+        clips.extend(counts)
     if not losses:  # every micro-batch skipped: the zero gradient AdamW would have seen (momentum, decay still act)
         for p in (p for g in optimizer.param_groups for p in g["params"]):
             p.grad = torch.zeros_like(p)
