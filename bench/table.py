@@ -32,6 +32,20 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append(("Memory-R+ share of a step (encode + search + rewards + write; SmolLM2, GSM8K, P=2 G=4)",
                         f"{100 * m['median_share']:.1f} % ({m['median_memory_s']:.2f} s of {m['median_step_s']:.1f} s)",
                         hw, "bench/fit_cpu.py"))
+    cost = load("reward_cost_cpu.json")
+    if cost:
+        hw = f"{cost['hardware']['cpu']}, {cost['hardware']['cores']} cores"
+        shares = "; ".join(f"{task} {100 * r['share_of_step']:.2g} %" for task, r in cost["fit"].items())
+        out.append(("reward scoring share of a step, math-verify included (SmolLM2-135M, P=4 G=8, 96 tokens)", shares,
+                    hw, "bench/reward_cost.py"))
+    options = load("grpo_options_cpu.json")
+    if options:
+        hw = f"{options['hardware']['cpu']}, {options['hardware']['cores']} cores"
+        paper, free = options["summary"]["paper (beta 0.04)"], options["summary"]["beta 0"]
+        result = (f"{free['time/train']:.1f} vs {paper['time/train']:.1f} s (×{free['train_ratio']:.2f}); "
+                  f"{free['time/step']:.1f} vs {paper['time/step']:.1f} s (×{free['step_ratio']:.2f})")
+        out.append(("beta 0 vs the paper's beta 0.04, side by side: training phase; whole step (SmolLM2-135M, P=4 "
+                     "G=8, 128 tokens)", result, hw, "bench/grpo_options.py"))
     out += vs_trl_rows("vs_trl.json", "SmolLM2-135M, fp32", "peak RSS", "peak_rss_gib", "bench/vs_trl.py")
     out += vs_trl_rows("vs_trl_cpu_bf16.json", "SmolLM2-135M, both in bf16", "peak RSS", "peak_rss_gib",
                        "bench/vs_trl.py --dtype bf16")
