@@ -151,3 +151,16 @@ def test_a_child_that_cannot_start_is_an_error_not_a_fallback(monkeypatch):
     with pytest.raises(RuntimeError, match="did not start"):
         verify.check(["1"], ["1"])
     assert verify._child is None
+
+
+def test_a_script_without_a_main_guard_can_check_answers(tmp_path):
+    """The spawned child must not rerun the user's script (which would call tinyrl again at top level)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text("from tinyrl import rewards\nprint('ran', flush=True)\n"
+                      "print(rewards.check(['so \\\\boxed{\\\\frac{1}{2}}'], ['0.5'], 'latex'))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ran", "[True]"]  # printed once: the child did not run the script

@@ -21,8 +21,9 @@ rounded up), which ends slow Python-level work without a restart. `timeouts()` c
 time either way, or the child died on them. Calls from several threads take turns (one lock).
 
 Spawning is not optional: if the child cannot start, `check` raises RuntimeError; nothing falls back to running
-math-verify in this process. As with any spawn, the child re-imports the parent's `__main__` module, so a script
-that calls `check` at top level needs the usual `if __name__ == "__main__":` guard.
+math-verify in this process. Unlike a plain spawn, the child does not re-run the parent's `__main__` (it is hidden
+while the child starts): a user's script that calls tinyrl.fit at top level, with no `if __name__ == "__main__":`,
+works.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import traceback
+import types
 
 GOLD_FORMATS = ("expr", "latex")
 STARTUP_S = 60.0  # a fresh child's allowance for importing sympy and math-verify, in seconds (took ~1 s here)
@@ -145,17 +148,21 @@ class _Child:
     def __init__(self):
         self.conn, theirs = _SPAWN.Pipe()
         self.process = _SPAWN.Process(target=_serve, args=(theirs,), name="tinyrl-math-verify", daemon=True)
+        main = sys.modules.get("__main__")
+        # spawn re-runs the parent's __main__ in the child unless it has none: the child needs only this module, and
+        # a user's script without `if __name__ == "__main__":` (one calling tinyrl.fit at top level) must not rerun
+        sys.modules["__main__"] = types.ModuleType("__main__")
         try:
             self.process.start()
         finally:
+            sys.modules["__main__"] = main
             theirs.close()  # the child holds its own copy: EOF here once it dies
         try:
             reply = self.receive(STARTUP_S)
         except (EOFError, OSError):  # it died
             self.stop(grace=5.0)
             raise RuntimeError(f"math-verify's child process exited with code {self.process.exitcode} while "
-                               "starting; its error is on stderr (a script that calls this at top level needs "
-                               "`if __name__ == '__main__':`, as for any spawned process)") from None
+                               "starting; its error is on stderr") from None
         if reply is not None and reply[0] == "ready":
             return
         self.stop()
