@@ -211,17 +211,24 @@ def test_a_broken_reward_function_is_one_line_naming_it(fn, words):
 
 
 REWARD_FILE = """
+from helpers import share
+
+
 def digits(prompts, completions, completion_ids=None, **kwargs):
-    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+    return [share(c) for c in completions]
 
 def helper_that_is_not_asked():
     return 0
 """
 
 
+HELPERS = "def share(text):\n    return sum(ch.isdigit() for ch in text) / max(1, len(text))\n"
+
+
 def test_reward_specs_and_settings_are_checked_before_anything_loads(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Write digits."}])
     (tmp_path / "r.py").write_text(REWARD_FILE)
+    (tmp_path / "helpers.py").write_text(HELPERS)
     (tmp_path / "boom.py").write_text("raise RuntimeError('no GPU here')\n")
     good = f"{tmp_path / 'r.py'}:digits"
     cases = [
@@ -272,6 +279,7 @@ def digit_rows(n=32):
 def test_custom_task_from_the_cli_and_a_raising_reward_leaves_a_resumable_run(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", digit_rows())
     (tmp_path / "r.py").write_text(REWARD_FILE)
+    (tmp_path / "helpers.py").write_text(HELPERS)  # the reward file imports its neighbour, as a script would
     run = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "tinyrl", "fit", "custom", "--data", data, "--reward", f"{tmp_path / 'r.py'}:digits",
            "--method", "memory-r+", "--model", tiny_model, "--out", run, "--steps", "2",
@@ -282,7 +290,7 @@ def test_custom_task_from_the_cli_and_a_raising_reward_leaves_a_resumable_run(ti
     metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert len(metrics) == 2 and {"reward/digits", "reward/exploit", "correct"} <= set(metrics[0])
     # the reward file breaks: one line naming it and the step, exit 2, the checkpoints intact, resumable after a fix
-    (tmp_path / "r.py").write_text(REWARD_FILE.replace("return [sum", "raise KeyError('answer')\n    return [sum"))
+    (tmp_path / "r.py").write_text(REWARD_FILE.replace("return [share", "raise KeyError('answer')\n    return [share"))
     more = [*cmd[:cmd.index("--steps") + 1], "3", *cmd[cmd.index("--steps") + 2:], "--resume"]
     broken = subprocess.run(more, env=ENV, capture_output=True, text=True, timeout=600)
     last = broken.stderr.strip().splitlines()[-1]

@@ -140,6 +140,9 @@ def load_reward(spec: str) -> Reward:
     if module_name.endswith(".py"):
         if not os.path.isfile(module_name):
             raise UserError(f"--reward {spec}: no such file {module_name}")
+        here = os.path.dirname(os.path.abspath(module_name))
+        if here not in sys.path:  # the file may import its neighbours, as when run as a script
+            sys.path.insert(0, here)
         found = importlib.util.spec_from_file_location(f"tinyrl_reward_{abs(hash(module_name))}", module_name)
         module = importlib.util.module_from_spec(found)
         sys.modules[found.name] = module  # pickling, dataclasses and relative lookups need it registered
