@@ -136,16 +136,16 @@ def plan(grid: Grid) -> None:
     old = read_aggregate(grid.out)
     for kind, name, _, cfg, fp in listed(grid):
         entry = recorded(old, kind, name)
-        if not entry or os.path.exists(os.path.join(grid.root, name)):
+        if not any(v for k, v in (entry or {}).items() if k != "fingerprint") or os.path.exists(
+                os.path.join(grid.root, name)):
             continue  # nothing recorded, or its folder exists: as ever
         made = entry.get("fingerprint") or {}
-        if made == fp and finished(entry, kind, old, cfg, grid.long):
+        if made and not differ(fp, made) and finished(entry, kind, old, cfg, grid.long):
             grid.carried[name] = entry
             print(f"{name}: finished in {grid.out}, same settings, no folder: carried over, not computed again",
                   flush=True)
         elif finished(entry, kind, old):
-            differ = sorted(k for k in set(fp) | set(made) if fp.get(k) != made.get(k))
-            why = ", ".join(differ) if made else "none recorded"
+            why = ", ".join(differ(fp, made)) if made else "none recorded"
             print(f"{name}: finished in {grid.out} with other settings ({why or 'steps or checkpoints'}), no folder: "
                   "computing it again", flush=True)
         else:
@@ -274,6 +274,17 @@ def fingerprint(grid: Grid, cfg: Config) -> dict:
                                  "seed": EVAL_SEED}}
 
 
+def differ(new: dict, old: dict) -> list[str]:
+    """The settings two fingerprints disagree on; one absent from a fingerprint (a setting added to Config after it
+    was written) counts as its default, which is what that run used.
+
+    >>> differ({"lr": 1.0, "loss": "grpo"}, {"lr": 1.0}), differ({"lr": 2.0}, {"lr": 1.0})
+    ([], ['lr'])
+    """
+    defaults = dataclasses.asdict(Config())
+    return sorted(k for k in set(new) | set(old) if new.get(k, defaults.get(k)) != old.get(k, defaults.get(k)))
+
+
 def open_result(folder: str, settings: dict) -> dict:
     """The stages folder/result.json holds (none yet: an empty record); SystemExit if other settings made them."""
     path = os.path.join(folder, "result.json")
@@ -281,11 +292,11 @@ def open_result(folder: str, settings: dict) -> dict:
         return {"settings": settings}
     with open(path) as f:
         result = json.load(f)
-    if result.get("settings") != settings:
-        old = result.get("settings", {})
-        differ = sorted(k for k in set(settings) | set(old) if settings.get(k) != old.get(k))
-        raise SystemExit(f"{folder} holds results made with other settings ({', '.join(differ)}); rerun with "
+    changed = differ(settings, result.get("settings", {}))
+    if changed:
+        raise SystemExit(f"{folder} holds results made with other settings ({', '.join(changed)}); rerun with "
                          "those, or pass another --root")
+    result["settings"] = settings  # settings added since, at their defaults: recorded as this run used them
     return result
 
 
