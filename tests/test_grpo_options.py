@@ -179,3 +179,77 @@ def test_a_fit_with_two_updates_per_generated_batch(tiny_model, tmp_path, monkey
     assert all(0 <= r["clip/low"] <= 1 and 0 <= r["clip/high"] <= 1 for r in rows)
     state = torch.load(os.path.join(run, "checkpoints", "step-000003", "optimizer.pt"), weights_only=False)
     assert int(next(iter(state["state"].values()))["step"]) == 6
+
+
+# --- dynamic sampling ---------------------------------------------------------------------------------------------
+
+
+def fake_rollouts(widths, correct, group_size=2):
+    from tinyrl.types import Example, PromptBatch, Rollouts, Scored
+
+    tp, tc = widths
+    p = len(correct) // group_size
+    examples = tuple(Example(f"q{tp}-{i}", "", i) for i in range(p))
+    prompts = PromptBatch(examples, tuple(e.question for e in examples), torch.full((p, tp), 7),
+                          torch.ones(p, tp, dtype=torch.long))
+    n = len(correct)
+    rollouts = Rollouts(prompts, group_size, torch.full((n, tc), 5), torch.ones(n, tc),
+                        tuple(f"c{tp}-{i}" for i in range(n)), torch.zeros(n, dtype=torch.bool))
+    scored = Scored({"r": torch.arange(n, dtype=torch.float32) + 10 * tp}, torch.tensor(correct))
+    return rollouts, scored
+
+
+def test_join_keeps_the_informative_groups_padded_and_in_order():
+    a = fake_rollouts((3, 2), [True, False, True, True])  # group 0 informative, group 1 uniform
+    b = fake_rollouts((5, 4), [False, False, False, True])  # group 1 informative
+    keep_a, keep_b = grpo.informative(a[1].correct, 2), grpo.informative(b[1].correct, 2)
+    assert keep_a.tolist() == [True, False] and keep_b.tolist() == [False, True]
+    rollouts, scored = grpo.join([(*a, keep_a), (*b, keep_b)])
+    assert [e.question for e in rollouts.prompts.examples] == ["q3-0", "q5-1"]
+    assert rollouts.prompts.input_ids.shape == (2, 5) and rollouts.prompts.attention_mask[0].tolist() == [0, 0, 1, 1, 1]
+    assert rollouts.completion_ids.shape == (4, 4) and rollouts.completion_mask[0].tolist() == [1, 1, 0, 0]
+    assert rollouts.completions == ("c3-0", "c3-1", "c5-2", "c5-3")
+    assert scored.components["r"].tolist() == [30.0, 31.0, 52.0, 53.0] and scored.correct.tolist() == [
+        True, False, False, True]
+    assert grpo.informative(scored.correct, 2).all()
+
+
+DIGITS = "def digits(completions, **kw):\n    return [sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions]\n"
+
+
+def test_dynamic_sampling_trains_only_on_informative_groups_and_resumes_to_the_same_draws(tiny_model, tmp_path,
+                                                                                           monkeypatch):
+    (tmp_path / "r.py").write_text(DIGITS)
+    rows = [{"prompt": f"Write {i} digits."} for i in range(40)]
+    trained, starts = [], []
+    real_batch, real_draw = grpo.train_batch, loop.draw
+    monkeypatch.setattr(loop.grpo, "train_batch", lambda r, *a, **k: trained.append(r) or real_batch(r, *a, **k))
+    monkeypatch.setattr(loop, "draw", lambda parts, cfg, task, start, *a: starts.append(start) or real_draw(
+        parts, cfg, task, start, *a))
+
+    def fit(out, steps, resume=False):
+        cfg = Config(task="custom", model=tiny_model, out=str(out), steps=steps, prompts_per_step=2, group_size=4,
+                     max_new_tokens=8, lr=1e-2, save_every=1, reward_funcs=f"{tmp_path / 'r.py'}:digits",
+                     success="digits>=0.25", dynamic_sampling=True, max_draws=3, seed=1)
+        return loop.fit(cfg, quiet=True, resume=resume, data=rows)
+
+    import json
+    import os
+
+    run = fit(tmp_path / "a", 4)
+    metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert all({"sampling/draws", "sampling/dropped", "sampling/groups"} <= set(m) for m in metrics)
+    assert any(m["sampling/dropped"] > 0 for m in metrics)  # some groups were uniform, so the check below bites
+    for r, m in zip(trained, metrics):
+        if m["sampling/groups"]:  # with none informative the last batch trains as it is (advantages all 0)
+            assert len(r.completions) == 4 * m["sampling/groups"] and grpo.informative(_correct(r), 4).all()
+    uninterrupted = list(starts)
+    assert uninterrupted[0] == 0 and len(uninterrupted) == sum(m["sampling/draws"] for m in metrics)
+    starts.clear()
+    fit(tmp_path / "b", 2)
+    fit(tmp_path / "b", 4, resume=True)
+    assert starts == uninterrupted  # the data position came back from the checkpoint
+
+
+def _correct(rollouts):
+    return torch.tensor([sum(c.isdigit() for c in t) / max(1, len(t)) >= 0.25 for t in rollouts.completions])

@@ -123,6 +123,12 @@ class Config:
     iterations: int = 1
     """mu: optimizer updates per generated batch, each with the ratio to the policy that generated it, clipped
     (epsilon, epsilon_high). A stop waits for the step's last update, so resume stays exact."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose success signal is the same for every completion (all right or all wrong,
+    whatever the format rewards) are dropped and P more prompts drawn, until P groups differ or max_draws batches
+    were drawn; the data position is saved with checkpoints, so resume draws the same prompts."""
+    max_draws: int = 4
+    """Batches of P prompts one step may draw with dynamic_sampling (the first included)."""
     epsilon: float = 0.2
     """Lower clip of the importance ratio, 1 - epsilon (PPO's epsilon)."""
     epsilon_high: float = 0.2
@@ -297,7 +303,7 @@ def validate(cfg: Config) -> Config:
     """Reject values no run can use, each with one line saying what is allowed."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    positive = ("epochs", "iterations", "prompts_per_step", "micro_batch", "gen_batch", "logprob_chunk", "max_prompt_tokens",
+    positive = ("epochs", "iterations", "max_draws", "prompts_per_step", "micro_batch", "gen_batch", "logprob_chunk", "max_prompt_tokens",
                 "max_new_tokens", "lora_rank", "save_every", "sample_every", "memory_k", "memory_max_keys",
                 "memory_max_values", "memory_window")
     for name in positive:

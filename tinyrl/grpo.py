@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from tinyrl.types import Rollouts, TrainBatch
+from tinyrl.types import PromptBatch, Rollouts, Scored, TrainBatch
 
 
 SCALES = ("group", "batch", "none")  # what divides (r - group mean): the group's std, the batch's, or nothing
@@ -114,6 +114,47 @@ def clip_counts(coef: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps: 
         return int(low.sum()), int(high.sum()), coef.shape[0]
     on = mask.bool()
     return int((low & on).sum()), int((high & on).sum()), int(on.sum())
+
+
+def informative(correct: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[P] bool: the groups whose success signal is not the same for every completion (dynamic sampling keeps them).
+
+    >>> informative(torch.tensor([True, False, True, True, False, False]), 2).tolist()
+    [True, False, False]
+    """
+    grouped = correct.view(-1, group_size)  # [P, G]
+    return grouped.any(-1) & ~grouped.all(-1)
+
+
+def join(parts: list[tuple[Rollouts, Scored, torch.Tensor]]) -> tuple[Rollouts, Scored]:
+    """The kept groups ([P] bool each) of several generated batches as one: prompts left-padded and completions
+    right-padded to the widest (padding masked out), in the order drawn."""
+    g = parts[0][0].group_size
+    tp = max(r.prompts.input_ids.shape[1] for r, _, _ in parts)
+    tc = max(r.completion_ids.shape[1] for r, _, _ in parts)
+    pad = torch.nn.functional.pad
+    cols: dict[str, list] = {k: [] for k in ("examples", "texts", "ids", "mask", "cids", "cmask", "texts_c", "cut",
+                                             "correct")}
+    components: dict[str, list] = {k: [] for k in parts[0][1].components}
+    for r, s, keep in parts:
+        rows = keep.repeat_interleave(g)  # [P*G]
+        cols["examples"] += [ex for ex, k in zip(r.prompts.examples, keep.tolist()) if k]
+        cols["texts"] += [t for t, k in zip(r.prompts.texts, keep.tolist()) if k]
+        cols["ids"].append(pad(r.prompts.input_ids[keep], (tp - r.prompts.input_ids.shape[1], 0)))
+        cols["mask"].append(pad(r.prompts.attention_mask[keep], (tp - r.prompts.input_ids.shape[1], 0)))
+        cols["cids"].append(pad(r.completion_ids[rows], (0, tc - r.completion_ids.shape[1])))
+        cols["cmask"].append(pad(r.completion_mask[rows], (0, tc - r.completion_ids.shape[1])))
+        cols["texts_c"] += [t for t, k in zip(r.completions, rows.tolist()) if k]
+        cols["cut"].append(r.truncated[rows])
+        cols["correct"].append(s.correct[rows])
+        for k in components:
+            components[k].append(s.components[k][rows])
+    prompts = PromptBatch(tuple(cols["examples"]), tuple(cols["texts"]), torch.cat(cols["ids"]),
+                          torch.cat(cols["mask"]))
+    rollouts = Rollouts(prompts, g, torch.cat(cols["cids"]), torch.cat(cols["cmask"]), tuple(cols["texts_c"]),
+                        torch.cat(cols["cut"]))
+    scored = Scored({k: torch.cat(v) for k, v in components.items()}, torch.cat(cols["correct"]), parts[0][1].weights)
+    return rollouts, scored
 
 
 def train_batch(rollouts: Rollouts, adv: torch.Tensor, mask_truncated: bool = False) -> TrainBatch:

@@ -9,6 +9,7 @@ policy is the same weights with the adapter disabled; completion log-probs are c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -58,6 +59,7 @@ def fit(cfg: Config, quiet: bool = False, pins: frozenset[str] = frozenset(), re
         state = checkpoint.resume(run, parts.model, parts.optimizer, parts.memory, warn=meter.notice)
         start, cfg, backoffs = checkpoint.restore(state, cfg, parts.scaler)
         log = meter.Meter(run, total, start, quiet=quiet, oom_backoffs=backoffs, cfg=cfg)
+        log.data_position = (state or {}).get("data_position", start * cfg.prompts_per_step)  # prompts drawn so far
         if changes:
             meter.notice(f"--resume: changed {', '.join(changes)}")
         log.echo(f"{'resuming' if state else 'starting'} {run}: {cfg.task} with {cfg.model}, method {cfg.method}, "
@@ -144,21 +146,11 @@ def take_step(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log) ->
     back-off may lower gen_batch or micro_batch); its sample rows left on the meter; faults.Abandoned on a stop."""
     timings, peaks, started = {}, {}, time.perf_counter()  # seconds and peak bytes by phase
     model, device = parts.model, parts.device
-    batch = tasks.examples_for_step(task.train, step, cfg.prompts_per_step, cfg.seed)
-    rendered = prompts.render(batch, parts.tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
-                              seed=cfg.seed, system_prompt=task.system_prompt)
-    with meter.phase(timings, peaks, "generate", device):
-        rollouts, cfg = faults.with_oom_backoff(lambda c: policy.generate(
-            model, parts.tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
-            gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
-            min_new_tokens=c.min_new_tokens, decode_mode=c.decode,
-            on_batch=faults.at_boundary(parts.stops, log, step, "generating")), cfg, "gen_batch", log)
-    with meter.phase(timings, peaks, "score", device):
-        scored = task_mod.score(task, cfg, rollouts, step)
-    memory_stats = {}
-    if parts.memory is not None:
-        with meter.phase(timings, peaks, "memory", device):
-            scored, memory_stats = remember(parts.encoder, parts.memory, rollouts, scored)
+    phase = functools.partial(meter.phase, timings, peaks, device=device)
+    rollouts, scored, memory_stats, cfg = draw(parts, cfg, task, log.data_position, step, log, phase)
+    drawn, sampling = cfg.prompts_per_step, {}
+    if cfg.dynamic_sampling:
+        rollouts, scored, drawn, sampling, cfg = resample(parts, cfg, task, step, log, phase, rollouts, scored)
     adv = grpo.advantages(scored.total, cfg.group_size, scale=cfg.scale_rewards)  # [P*G]
     with meter.phase(timings, peaks, "train", device):
         lr = grpo.lr_at(step, log.total, cfg.lr, cfg.warmup_ratio)  # a function of the step: resume-safe
@@ -178,7 +170,8 @@ def take_step(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log) ->
     if device.type == "cuda":  # what nvidia-smi shows for this run: the allocator's peak + the context
         peaks["device"] = peaks["reserved"] + meter.cuda_outside_torch(device)
     metrics = meter.step_metrics(step + 1, rollouts, scored, result, lr=lr, timings=timings, peaks=peaks)
-    metrics.update({"oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
+    log.data_position += drawn  # the step is done: a resume draws from here
+    metrics.update({**sampling, "oom/backoffs": log.oom_backoffs, "oom/gen_batch": cfg.gen_batch,
                     "oom/micro_batch": cfg.micro_batch, **({"data/skipped_gold": task.skipped} if task.skipped else {})})
     if clips:  # TRL's clip_ratio: shares of the ratios clipped, over the step's updates
         low, high, total = (sum(c[i] for c in clips) for i in range(3))
@@ -189,9 +182,48 @@ def take_step(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log) ->
     return metrics, cfg
 
 
+def draw(parts: Parts, cfg: Config, task: task_mod.Task, start: int, step: int, log, phase):
+    """P prompts from data position `start`: rendered, G completions each generated, scored and remembered."""
+    batch = tasks.examples_at(task.train, start, cfg.prompts_per_step, cfg.seed)
+    rendered = prompts.render(batch, parts.tokenizer, cfg.max_prompt_tokens, few_shot=cfg.few_shot,
+                              seed=cfg.seed, system_prompt=task.system_prompt)
+    with phase("generate"):
+        rollouts, cfg = faults.with_oom_backoff(lambda c: policy.generate(
+            parts.model, parts.tokenizer, rendered, group_size=c.group_size, max_new_tokens=c.max_new_tokens,
+            gen_batch=c.gen_batch, temperature=c.temperature, top_p=c.top_p,
+            min_new_tokens=c.min_new_tokens, decode_mode=c.decode,
+            on_batch=faults.at_boundary(parts.stops, log, step, "generating")), cfg, "gen_batch", log)
+    with phase("score"):
+        scored = task_mod.score(task, cfg, rollouts, step)
+    memory_stats = {}
+    if parts.memory is not None:
+        with phase("memory"):
+            scored, memory_stats = remember(parts.encoder, parts.memory, rollouts, scored)
+    return rollouts, scored, memory_stats, cfg
+
+
+def resample(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log, phase, rollouts, scored):
+    """Dynamic sampling: keep the groups whose success differs within the group; draw P more prompts while fewer than
+    P are kept, up to max_draws batches. No informative group at all: the last batch as it is (advantages 0)."""
+    p, kept, draws = cfg.prompts_per_step, [], 1
+    while True:
+        keep = grpo.informative(scored.correct, cfg.group_size)  # [P]
+        keep &= keep.cumsum(0) <= p - sum(int(k.sum()) for _, _, k in kept)  # at most P in all
+        kept.append((rollouts, scored, keep))
+        count = sum(int(k.sum()) for _, _, k in kept)
+        if count >= p or draws >= cfg.max_draws:
+            break
+        rollouts, scored, _, cfg = draw(parts, cfg, task, log.data_position + draws * p, step, log, phase)
+        draws += 1
+    metrics = {"sampling/draws": draws, "sampling/dropped": 1 - count / (draws * p), "sampling/groups": count}
+    if count:
+        rollouts, scored = grpo.join(kept)
+    return rollouts, scored, draws * p, metrics, cfg
+
+
 def save(run: str, step: int, parts: Parts, cfg: Config, log) -> str:
     """Checkpoint `step` with the loop's own state: the OOM back-off's settings and count, and the loss scale."""
-    state = {"oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk,
+    state = {"data_position": log.data_position, "oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk,
                      "backoffs": log.oom_backoffs}, **({"scaler": parts.scaler.state_dict()} if parts.scaler else {})}
     return os.path.basename(checkpoint.save(run, step, parts.model, parts.optimizer, state, parts.memory,
                                             keep=cfg.keep_checkpoints))

@@ -177,10 +177,16 @@ def generated(name: str, split: str, seed: int, arith_ops: str, arith_max: int) 
 
 
 def examples_for_step(data: list[Example], step: int, per_step: int, seed: int) -> list[Example]:
-    """The P examples of a step: a fresh seeded shuffle each epoch, so the data position is just the step."""
-    orders: dict[int, list[int]] = {}  # epoch -> its permutation (a step spans at most two epochs)
+    """The P examples of a step: a fresh seeded shuffle each epoch, so the data position is just the step (without
+    dynamic sampling, which draws more)."""
+    return examples_at(data, step * per_step, per_step, seed)
+
+
+def examples_at(data: list[Example], start: int, count: int, seed: int) -> list[Example]:
+    """`count` examples from data position `start` (prompts drawn so far): a fresh seeded shuffle each epoch."""
+    orders: dict[int, list[int]] = {}  # epoch -> its permutation
     out = []
-    for i in range(step * per_step, (step + 1) * per_step):
+    for i in range(start, start + count):
         epoch, pos = divmod(i, len(data))
         if epoch not in orders:
             orders[epoch] = list(range(len(data)))
