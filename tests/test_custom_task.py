@@ -413,3 +413,13 @@ def test_eval_reports_the_success_signal_of_your_reward(tiny_model, tmp_path, mo
     assert result["success"] == 0.5 and result["extractive_match"] == 0.5 and result["n"] == 4
     rows = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
     assert [r["success"] for r in rows] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_your_data_names_its_splits(tmp_path):
+    write_jsonl(tmp_path / "training.jsonl", [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}])
+    write_jsonl(tmp_path / "validation.jsonl", [{"question": "v", "answer": "3"}])
+    cfg = Config(task="gsm8k", data=str(tmp_path), train_split="training", test_split="validation", train_limit=1)
+    assert len(tasks.for_run(cfg, "train", None)) == 1  # train_limit still applies to the renamed train split
+    assert [ex.question for ex in tasks.for_run(cfg, "test", None)] == ["v"]
+    with pytest.raises(UserError, match="folder has no test file"):
+        tasks.for_run(Config(task="gsm8k", data=str(tmp_path)), "test", None)

@@ -34,6 +34,10 @@ class Config:
     column, or a question column and a gold-answer column; every column reaches the reward functions."""
     data_config: str | None = None
     """The hub dataset's config (subset) name, for a hub --data."""
+    train_split: str = "train"
+    """The split of --data trained on: a hub split name, or the file name in a --data folder (train.jsonl ...)."""
+    test_split: str = "test"
+    """The split of --data evaluated on (e.g. `validation`, or `test[:200]` on the hub)."""
     question_column: str = "auto"
     """The question column: `auto` takes `question`, else `problem` (a `prompt` column, if any, is used instead)."""
     answer_column: str = "auto"

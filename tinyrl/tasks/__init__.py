@@ -110,7 +110,10 @@ def load_gsm8k(path: Any, split: str = "train") -> list[Example]:
 def for_run(cfg, split: str, limit: int | None, data: Any = None) -> list[Example]:
     """`load_task` with a run's settings (a Config); `data` (Python rows or a Dataset) replaces cfg.data. The train
     split keeps `train_limit` examples drawn under the seed when that is set."""
-    examples = load_task(cfg.task, cfg.data if data is None else data, split, cfg.seed, None, cfg.arith_ops,
+    given, named = cfg.data if data is None else data, split
+    if given is not None and not spec(cfg.task).generated:  # your data's own split names
+        named = {"train": cfg.train_split, "test": cfg.test_split}.get(split, split)
+    examples = load_task(cfg.task, given, named, cfg.seed, None, cfg.arith_ops,
                          cfg.arith_max, data_config=cfg.data_config, question_column=cfg.question_column,
                          answer_column=cfg.answer_column)
     if split == "train" and cfg.train_limit and cfg.train_limit < len(examples):
