@@ -3,6 +3,8 @@ adapter off per micro-batch) against beta 0 (no reference pass), side by side in
 Writes bench/results/grpo_options_cpu.json.
 
     OMP_NUM_THREADS=2 python bench/grpo_options.py          # ~12 min on 2 cores; nothing else running
+    OMP_NUM_THREADS=2 python bench/grpo_options.py --rounds 1 --variants "iterations 2" "dynamic sampling" \
+        --out bench/results/grpo_options_mu_ds_cpu.json
 
 Each round runs every variant as a fresh fit of `--steps` steps at bench/learn.py's settings (SmolLM2-135M, arith
 1 operation <= 10, P=4, G=8, 128 new tokens, LoRA r16, fp32, r1) with min_new_tokens = max_new_tokens so every
@@ -34,7 +36,8 @@ from tinyrl import loop  # noqa: E402
 from tinyrl.config import Config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = {"paper (beta 0.04)": {"kl_beta": 0.04}, "beta 0": {"kl_beta": 0.0}}
+VARIANTS = {"paper (beta 0.04)": {"kl_beta": 0.04}, "beta 0": {"kl_beta": 0.0},
+            "iterations 2": {"iterations": 2, "epsilon_high": 0.28}, "dynamic sampling": {"dynamic_sampling": True}}
 
 
 def one_fit(settings: dict, steps: int, folder: str) -> list[dict]:
@@ -48,13 +51,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--variants", nargs="+", default=["paper (beta 0.04)", "beta 0"], choices=list(VARIANTS))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "grpo_options_cpu.json"))
     args = parser.parse_args()
+    variants = {name: VARIANTS[name] for name in ["paper (beta 0.04)", *args.variants]}  # the paper's: the baseline
     started = time.perf_counter()
-    rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    rows: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
-            for name, settings in VARIANTS.items():
+            for name, settings in variants.items():
                 rows[name] += one_fit(settings, args.steps, os.path.join(folder, f"{r}-{len(rows[name])}-{name[:4]}"))
                 print(f"round {r + 1}/{args.rounds} {name}: done", flush=True)
     summary = {}
@@ -65,6 +70,10 @@ def main() -> None:
         summary[name]["train_spread_s"] = [round(min(m["time/train"] for m in got), 2),
                                            round(max(m["time/train"] for m in got), 2)]
         summary[name]["steps_counted"] = len(got)
+        if "sampling/draws" in got[0]:
+            summary[name]["draws_per_step"] = round(statistics.mean(m["sampling/draws"] for m in got), 2)
+            summary[name]["dropped_share"] = round(statistics.mean(m["sampling/dropped"] for m in got), 3)
+        summary[name]["correct"] = round(statistics.mean(m["correct"] for m in got), 3)
     paper = summary["paper (beta 0.04)"]
     for name, s in summary.items():
         s["train_ratio"] = round(s["time/train"] / paper["time/train"], 3)
@@ -74,7 +83,7 @@ def main() -> None:
                            "torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
               "settings": {**learn.BASE, "encoder": "hashing", "min_new_tokens": learn.BASE["max_new_tokens"]},
-              "rounds": args.rounds, "steps_per_fit": args.steps, "variants": VARIANTS, "summary": summary,
+              "rounds": args.rounds, "steps_per_fit": args.steps, "variants": variants, "summary": summary,
               "wall_s": round(time.perf_counter() - started, 1)}
     with open(args.out, "w") as f:
         f.write(json.dumps(result, indent=1) + "\n")
