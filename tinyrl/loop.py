@@ -152,7 +152,7 @@ def take_step(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log) ->
     if cfg.dynamic_sampling:
         rollouts, scored, drawn, sampling, cfg = resample(parts, cfg, task, step, log, phase, rollouts, scored)
     adv = grpo.advantages(scored.total, cfg.group_size, scale=cfg.scale_rewards)  # [P*G]
-    with meter.phase(timings, peaks, "train", device):
+    with phase("train"):
         lr = grpo.lr_at(step, log.total, cfg.lr, cfg.warmup_ratio)  # a function of the step: resume-safe
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
@@ -205,12 +205,12 @@ def draw(parts: Parts, cfg: Config, task: task_mod.Task, start: int, step: int, 
 def resample(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log, phase, rollouts, scored):
     """Dynamic sampling: keep the groups whose success differs within the group; draw P more prompts while fewer than
     P are kept, up to max_draws batches. No informative group at all: the last batch as it is (advantages 0)."""
-    p, kept, draws = cfg.prompts_per_step, [], 1
+    p, kept, draws, count = cfg.prompts_per_step, [], 1, 0
     while True:
         keep = grpo.informative(scored.correct, cfg.group_size)  # [P]
-        keep &= keep.cumsum(0) <= p - sum(int(k.sum()) for _, _, k in kept)  # at most P in all
+        keep &= keep.cumsum(0) <= p - count  # at most P in all
         kept.append((rollouts, scored, keep))
-        count = sum(int(k.sum()) for _, _, k in kept)
+        count += int(keep.sum())
         if count >= p or draws >= cfg.max_draws:
             break
         rollouts, scored, _, cfg = draw(parts, cfg, task, log.data_position + draws * p, step, log, phase)
@@ -222,8 +222,10 @@ def resample(parts: Parts, cfg: Config, task: task_mod.Task, step: int, log, pha
 
 
 def save(run: str, step: int, parts: Parts, cfg: Config, log) -> str:
-    """Checkpoint `step` with the loop's own state: the OOM back-off's settings and count, and the loss scale."""
-    state = {"data_position": log.data_position, "oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk,
+    """Checkpoint `step` with the loop's own state: the data position, the OOM back-off's settings and count, and the
+    loss scale."""
+    state = {"data_position": log.data_position,
+             "oom": {"gen_batch": cfg.gen_batch, "micro_batch": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk,
                      "backoffs": log.oom_backoffs}, **({"scaler": parts.scaler.state_dict()} if parts.scaler else {})}
     return os.path.basename(checkpoint.save(run, step, parts.model, parts.optimizer, state, parts.memory,
                                             keep=cfg.keep_checkpoints))

@@ -52,7 +52,7 @@ class Scored:
     @property
     def total(self) -> torch.Tensor:
         """[P*G] float: the sum of the components times their weights, a NaN counting as 0 (TRL's nansum)."""
-        stacked = torch.stack([v * self.weights.get(k, 1.0) if k in self.weights else v
+        stacked = torch.stack([v * self.weights[k] if k in self.weights else v
                                for k, v in self.components.items()])
         return stacked.nansum(0) if stacked.isnan().any() else stacked.sum(0)
 

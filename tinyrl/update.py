@@ -30,20 +30,21 @@ def old_logprobs(model, batch: TrainBatch, cfg: Config, device) -> torch.Tensor:
     with torch.no_grad():
         for s in range(0, batch.input_ids.shape[0], cfg.micro_batch):
             rows = slice(s, s + cfg.micro_batch)
-            ids, attn, tc = _trimmed(batch, rows, device)
+            first, end, tc = _span(batch, rows)
+            ids, attn = (batch.input_ids[rows, first:end].to(device), batch.attention_mask[rows, first:end].to(device))
             out[rows, :tc] = policy.completion_logprobs(model, ids, attn, tc, cfg.logprob_chunk,
                                                         temperature=temperature).float()
     return out
 
 
-def _trimmed(batch: TrainBatch, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """A micro-batch's ids and attention, cut to its longest prompt and completion (on the device), and Tc."""
-    cmask = batch.completion_mask[rows]  # [b, Tc] (host)
+def _span(batch: TrainBatch, rows: slice) -> tuple[int, int, int]:
+    """A micro-batch cut to its longest prompt and completion, read on the host copies: (first column, end column,
+    completion tokens Tc)."""
+    cmask = batch.completion_mask[rows]  # [b, Tc]
     tc, tp = int(cmask.sum(-1).max()), batch.input_ids.shape[1] - cmask.shape[1]
     attn = batch.attention_mask[rows, :tp]
     first = int(attn.sum(0).nonzero()[0]) if attn.any() else 0
-    return (batch.input_ids[rows, first:tp + tc].to(device), batch.attention_mask[rows, first:tp + tc].to(device),
-            tc)
+    return first, tp + tc, tc
 
 
 def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=None, on_micro=None,
@@ -71,11 +72,8 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
             if on_micro is not None:
                 on_micro(min(s + cfg.micro_batch, n), n)
             continue
-        cmask = batch.completion_mask[rows]  # [b, Tc] (host)
-        tc, tp = int(cmask.sum(-1).max()), batch.input_ids.shape[1] - cmask.shape[1]  # trimmed on the host copies
-        attn = batch.attention_mask[rows, :tp]
-        first = int(attn.sum(0).nonzero()[0]) if attn.any() else 0
-        ids, attn, cmask, adv = (on_device[0][rows, first:tp + tc], on_device[1][rows, first:tp + tc],
+        first, end, tc = _span(batch, rows)
+        ids, attn, cmask, adv = (on_device[0][rows, first:end], on_device[1][rows, first:end],
                                  on_device[2][rows, :tc], on_device[3][rows])  # [b, T'], [b, T'], [b, tc], [b]
         ref = (policy.reference_logprobs(model, ids, attn, tc, cfg.logprob_chunk, temperature=temperature)
                if cfg.kl_beta else None)
@@ -85,7 +83,8 @@ def accumulate(model, optimizer, batch: TrainBatch, cfg: Config, device, scaler=
         loss, kl = grpo.loss(logp, ref, adv, cmask, cfg.kl_beta, n, kind=cfg.loss, eps=eps, old_logp=old,
                              level=cfg.importance_level, tokens_total=tokens_total, max_len=cfg.max_new_tokens)
         if old is not None:
-            counts.append(grpo.clip_counts(grpo.ratio(logp.detach(), old, cmask, cfg.importance_level), adv, cmask, eps))
+            ratio = grpo.ratio(logp.detach(), old, cmask, cfg.importance_level)
+            counts.append(grpo.clip_counts(ratio, adv, cmask, eps))
         if trim:
             meter.release_freed()
         (scaler.scale(loss) if scaler else loss).backward()
